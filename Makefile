@@ -1,0 +1,31 @@
+# `make run` and `make test` are the whole set-up: they create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# pinned and installed first: a bare `torch` requirement would pull a multi-GB CUDA build
+TORCH := torch==2.13.0
+# re-install only when the project's requirements change
+STAMP := $(VENV)/.selfspec-installed
+
+.PHONY: env run test lint clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run: env
+	$(BIN)/selfspec generate smollm2-135m "Write a haiku about the sea."
+
+test: env
+	$(BIN)/python -m pytest -q
+
+lint: env
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

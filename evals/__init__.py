@@ -1,0 +1,1 @@
+"""Evaluation: measuring speed-ups and output equality (`selfspec eval`)."""

@@ -1,0 +1,175 @@
+"""`selfspec eval`: speed and losslessness of selfspec against transformers' own decoders."""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import PreTrainedTokenizerBase
+
+from selfspec import Schedule
+from selfspec.zoo import load_model, parse_dtype
+
+from . import report as rep
+from .longform import longform_prompts
+from .prompts import Prompt, load_prompts, select
+from .runner import BASELINES, Method, PromptRun, Settings, build_methods, check_baselines, run_eval
+
+INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return None if value is None else [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _prompts(path: Path | None, categories: str | None, limit: int | None) -> list[Prompt]:
+    prompts = longform_prompts() if path is None else load_prompts(path)
+    return select(prompts, _csv(categories), limit)
+
+
+def _stdout() -> Console:
+    console = Console()
+    if not console.is_terminal:
+        console.width = 140  # a log or pipe has no width to fit, and rich's 80 columns would squeeze the table
+    return console
+
+
+def _run(
+    methods: Sequence[Method],
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Prompt],
+    settings: Settings,
+    device: torch.device,
+) -> tuple[list[PromptRun], bool]:
+    """The finished prompts, and whether Ctrl-C cut the run short."""
+    done: list[PromptRun] = []
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("warming up", total=len(prompts) * len(methods))
+
+        def step(prompt: Prompt, method: str) -> None:
+            progress.update(task, advance=1, description=f"prompt {len(done) + 1}/{len(prompts)} · {method}")
+
+        try:
+            for run in run_eval(methods, tokenizer, prompts, settings, device, step):
+                done.append(run)
+        except KeyboardInterrupt:
+            return done, True
+    return done, False
+
+
+def _compare(model: str | None, paths: tuple[Path, Path]) -> None:
+    if model is not None:
+        raise click.UsageError("--compare reads two saved reports: give no MODEL")
+    reports = [rep.load_report(path) for path in paths]
+    rep.print_comparison(*reports, [str(path) for path in paths], _stdout())
+
+
+@click.command("eval")
+@click.argument("model", required=False)
+@click.option(
+    "--schedule",
+    "schedule_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Schedule JSON under test (default: the untuned default).",
+)
+@click.option(
+    "--prompts",
+    "prompts_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Spec-Bench JSONL (default: the built-in long-form set).",
+)
+@click.option("--categories", help="Comma-separated categories to keep (default: all).")
+@click.option("--limit", type=int, help="At most N (>= 1) prompts from each category.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--dtype", default="bfloat16", show_default=True, help="float32, bfloat16 or float16.")
+@click.option(
+    "--baselines",
+    default=",".join(BASELINES),
+    show_default=True,
+    help="Methods to compare with; generate always runs, as the reference.",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Timed runs per prompt and method; tokens/s is their median.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Report folder (default: ./eval-<model>).",
+)
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's choice).")
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--seed", type=int, help="Seed for --sample (default 0), reset before every generation.")
+@click.option(
+    "--compare",
+    nargs=2,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Print two report.json files side by side and exit.",
+)
+@click.pass_context
+def eval_command(
+    ctx: click.Context,
+    model: str | None,
+    schedule_path: Path | None,
+    prompts_path: Path | None,
+    categories: str | None,
+    limit: int | None,
+    max_new_tokens: int,
+    dtype: str,
+    baselines: str,
+    repeats: int,
+    out_dir: Path | None,
+    threads: int | None,
+    sample: bool,
+    seed: int | None,
+    compare: tuple[Path, Path] | None,
+) -> None:
+    """Measure MODEL's speed-up from selfspec and check its output against model.generate.
+
+    MODEL is a zoo name or a model directory. Writes report.json and report.png to --out;
+    `selfspec eval --compare A.json B.json` (no MODEL) prints two reports side by side.
+    """
+    if compare:
+        _compare(model, compare)
+        return
+    if model is None:
+        raise click.UsageError("missing MODEL (a zoo name or a model directory)")
+    if seed is not None and not sample:
+        raise click.UsageError("--seed applies to --sample only")
+    # everything that can be wrong with the arguments fails here, before a possibly long model load
+    parse_dtype(dtype)
+    chosen = _csv(baselines) or []
+    check_baselines(chosen)
+    prompts = _prompts(prompts_path, categories, limit)
+    schedule = Schedule.from_file(schedule_path) if schedule_path is not None else None
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    lm, tokenizer = load_model(model, dtype)
+    methods = build_methods(lm, schedule, chosen)
+    settings = Settings(max_new_tokens, repeats, sample, 0 if seed is None else seed)
+    source = str(prompts_path) if prompts_path else "built-in long-form"
+    categories_run = list(dict.fromkeys(p.category for p in prompts))
+    meta = rep.run_meta(model, lm, methods, settings, prompts=source, categories=categories_run, limit=limit)
+    runs, interrupted = _run(methods, tokenizer, prompts, settings, lm.device)
+    report = rep.build_report([rep.prompt_record(run) for run in runs], meta, partial=interrupted)
+    console = _stdout()
+    rep.print_report(report, console)
+    for path in rep.save(report, out_dir or Path(f"eval-{Path(model).name}")):
+        console.print(f"wrote {path}")
+    if interrupted:
+        console.print(f"[yellow]interrupted: the report holds the {len(runs)} finished prompt(s)[/yellow]")
+        ctx.exit(INTERRUPTED)

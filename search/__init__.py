@@ -1,0 +1,1 @@
+"""Schedule search: tuning which layers a draft skips (`selfspec tune`)."""

@@ -1,0 +1,260 @@
+"""`selfspec tune MODEL`: find the draft schedule that decodes fastest on this machine, and write it."""
+
+import shlex
+import time
+from pathlib import Path
+
+import click
+import optuna
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from selfspec.schedule import Schedule
+from selfspec.zoo import load_model, parse_dtype
+
+from .prompts import BUILTIN, read_prompts, split
+from .tune import OBJECTIVES, Measurement, Reporter, TuneConfig, TuneResult, default_storage, speedup, tune
+
+
+class _Bars(Reporter):
+    """Rich progress: trials with the best predicted speedup, then timed runs with the best measured one."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.task: TaskID | None = None
+        self.started = 0.0
+        self.timeout: float | None = None
+        self.trials_done = 0  # by this run, for the resume hint after Ctrl-C
+
+    def stage(self, text: str) -> None:
+        self.progress.console.print(f"[dim]- {text}[/dim]")
+
+    def _start(self, label: str, total: int, timeout: float | None) -> None:
+        self.started, self.timeout = time.perf_counter(), timeout
+        self.task = self.progress.add_task(label, total=total, best="", eta="")
+
+    def _advance(self, done: int, best: str) -> None:
+        elapsed = time.perf_counter() - self.started
+        total = self.progress.tasks[self.task].total
+        left = elapsed / done * (total - done)
+        if self.timeout is not None:
+            left = min(left, max(0.0, self.timeout - elapsed))
+        self.progress.update(self.task, completed=done, best=best, eta=f"ETA {left:.0f}s")
+
+    def search(self, trials: int, timeout: float | None) -> None:
+        self._start("search", trials, timeout)
+
+    def trial(self, done: int, best_predicted: float | None) -> None:
+        self.trials_done = done
+        self._advance(done, f"best predicted {_times(best_predicted)}")
+
+    def measure(self, runs: int, seconds: float) -> None:
+        self._start("measure", runs, seconds)
+
+    def measured(self, done: int, best_speedup: float | None) -> None:
+        self._advance(done, f"best measured {_times(best_speedup)}")
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}x"
+
+
+def _layers(indices: tuple[int, ...]) -> str:
+    """(7, 8, 9, 12) -> '7-9,12'."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def describe(schedule: Schedule) -> str:
+    """One short line: skipped sublayers, exit, width, confidence floor, anneal."""
+    if not schedule.drafting:
+        return "plain loop (drafting off)"
+    parts = [
+        f"{name} {_layers(layers)}"
+        for name, layers in (("attn", schedule.skip_attn), ("mlp", schedule.skip_mlp))
+        if layers
+    ]
+    if schedule.exit_layer is not None:
+        parts.append(f"exit {schedule.exit_layer}")
+    parts.append(f"w{schedule.max_draft}{'+' if schedule.adaptive_width else ''}")
+    parts.append(f"p>={schedule.confidence:.2f} a={schedule.anneal:.1f}")
+    return " ".join(parts)
+
+
+_CAPTION = (
+    "alpha: draft/full agreement; c: draft step / full step; bound: Leviathan's (1-a^(g+1))/((1-a)(gc+1)); "
+    "pred./meas.: predicted / measured speedup; acc.: measured tokens per verify pass; "
+    "schedule: skipped attn/mlp layers, exit, width (+: adaptive), confidence floor p, anneal a"
+)
+
+
+def _table(result: TuneResult) -> Table:
+    table = Table(title="finalists timed against the plain loop on held-out prompts", caption=_CAPTION)
+    for column in ("trial", "schedule", "alpha", "c", "bound", "pred.", "meas.", "acc.", "tok/s"):
+        table.add_column(column, overflow="fold", justify="left" if column == "schedule" else "right")
+    plain = result.plain
+    table.add_row(
+        "-", describe(plain.schedule), "", "", "", "1.000", "1.000", "1.00", f"{plain.stats.tokens_per_second:.2f}"
+    )
+    for run in result.finalists:
+        table.add_row(*_row(run, plain), style="bold green" if run is result.chosen else None)
+    return table
+
+
+def _row(run: Measurement, plain: Measurement) -> tuple[str, ...]:
+    p = run.prediction
+    return (
+        str(run.trial.number),
+        describe(run.schedule) + (" [red](output differs)[/red]" if run.differing_outputs else ""),
+        f"{p['agreement']:.2f}",
+        f"{p['draft_cost']:.2f}",
+        f"{p['bound']:.3f}",
+        f"{p['speedup']:.3f}",
+        f"{speedup(run, plain):.3f}",
+        f"{run.stats.mean_accepted_length:.2f}",
+        f"{run.stats.tokens_per_second:.2f}",
+    )
+
+
+def _summary(result: TuneResult, out: Path) -> str:
+    plain_tps = result.plain.stats.tokens_per_second
+    if result.chosen is None:
+        best = max((speedup(r, result.plain) for r in result.finalists), default=None)
+        return (
+            f"no finalist beat the plain loop (best {_times(best)} at {plain_tps:.2f} tok/s plain): "
+            f"wrote drafting off to {out}"
+        )
+    chosen = result.chosen
+    return (
+        f"chosen: {describe(chosen.schedule)}: {speedup(chosen, result.plain):.3f}x the plain loop "
+        f"({chosen.stats.tokens_per_second:.2f} vs {plain_tps:.2f} tok/s, "
+        f"{chosen.stats.mean_accepted_length:.2f} tokens per pass); wrote {out}"
+    )
+
+
+@click.command("tune")
+@click.argument("model")
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Calibration prompts, Spec-Bench JSONL (question_id, category, turns); default: built-in set.",
+)
+@click.option(
+    "--trials",
+    type=click.IntRange(min=0),
+    default=TuneConfig.trials,
+    show_default=True,
+    help="Trials this run adds to the study (0: only measure the study's best).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=TuneConfig.timeout,
+    show_default=True,
+    help="Seconds for this run's search; finished trials are kept either way.",
+)
+@click.option("--dtype", default="bfloat16", show_default=True, help="float32, bfloat16 or float16.")
+@click.option(
+    "--objective",
+    type=click.Choice(OBJECTIVES),
+    default="speed",
+    show_default=True,
+    help="Predicted speedup alone, or with the accepted length as a second objective.",
+)
+@click.option("--storage", help="Optuna RDB URL shared by workers; default: sqlite file next to --out.")
+@click.option("--study", "study_name", help="Study name; default: MODEL-DTYPE-OBJECTIVE.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Default: ./MODEL.schedule.json.")
+@click.option(
+    "--seed", type=int, default=TuneConfig.seed, show_default=True, help="Sampler seed; give each worker its own."
+)
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's choice).")
+@click.option(
+    "--finalists",
+    type=click.IntRange(0, 10),
+    default=TuneConfig.finalists,
+    show_default=True,
+    help="Best predicted schedules to time for real; 0: search only, for extra workers.",
+)
+def tune_command(
+    model: str,
+    prompts_file: Path | None,
+    trials: int,
+    timeout: float,
+    dtype: str,
+    objective: str,
+    storage: str | None,
+    study_name: str | None,
+    out: Path | None,
+    seed: int,
+    threads: int | None,
+    finalists: int,
+) -> None:
+    """Tune MODEL's draft schedule (a zoo name or a model directory) and write it as JSON.
+
+    A surrogate (teacher-forced draft agreement and measured layer costs) ranks schedules in an Optuna
+    study; the best --finalists are then timed against the plain loop on held-out prompts, and the fastest
+    measured one is written, or drafting off if none beats the plain loop. The study stays in --storage:
+    rerun to add trials, or start more workers with the same --storage and --study.
+    """
+    started = time.perf_counter()
+    dtype_name = str(parse_dtype(dtype)).removeprefix("torch.")  # fail before a long load; bf16 == bfloat16
+    label = Path(model).name
+    out = out or Path(f"{label}.schedule.json")
+    config = TuneConfig(
+        out=out,
+        storage=storage or default_storage(out),
+        study=study_name or f"{label}-{dtype_name}-{objective}",
+        trials=trials,
+        timeout=timeout,
+        objective=objective,
+        seed=seed,
+        finalists=finalists,
+    )
+    calibration, held_out = split(read_prompts(prompts_file) if prompts_file else BUILTIN)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    console = Console()
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[best]}"),
+        TextColumn("{task.fields[eta]}"),
+        TimeElapsedColumn(),
+    )
+    bars = _Bars(Progress(*columns, console=console))
+    try:
+        with bars.progress:
+            console.print(f"[dim]- loading {model} ({dtype_name})[/dim]")
+            lm, tokenizer = load_model(model, dtype_name)
+            result = tune(lm, tokenizer, label, calibration, held_out, config, bars)
+    except KeyboardInterrupt:
+        console.print(f"\ninterrupted: finished trials are kept in {config.storage} (study {config.study!r})")
+        resume = ["selfspec", "tune", model, "--dtype", dtype_name, "--objective", objective]
+        resume += ["--prompts", str(prompts_file)] if prompts_file else []
+        resume += ["--storage", config.storage, "--study", config.study, "--out", str(out)]
+        resume += ["--trials", str(max(0, trials - bars.trials_done)), "--finalists", str(finalists)]
+        console.print(f"resume with: {shlex.join(resume)}", soft_wrap=True)
+        click.get_current_context().exit(130)
+    seconds = time.perf_counter() - started
+    if result.plain is None:
+        console.print(
+            f"added trials to study {config.study!r} in {config.storage}: {result.trials} finished "
+            f"({seconds:.0f}s); measure with --trials 0"
+        )
+        return
+    console.print(_table(result))
+    console.print(_summary(result, out) + f" ({seconds:.0f}s)")
+
+
+if __name__ == "__main__":  # `python -m selfspec.search.command`: one more worker on a shared study
+    tune_command()

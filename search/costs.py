@@ -1,0 +1,156 @@
+"""What each part of a decoding round costs on this device, measured once with the engine's own Runner.
+
+The surrogate prices a candidate schedule from these parts instead of timing it: a draft step is the
+embedding, the sublayers it keeps and the LM head; a verify pass is the layers after the draft's exact
+prefix over every drafted token plus one.
+"""
+
+import itertools
+import statistics
+import time
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+from transformers import PreTrainedModel
+
+from selfspec.adapter import adapter_for
+from selfspec.cache import PositionedCache
+from selfspec.runner import Runner
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Seconds at batch 1 with `kv_length` cached positions."""
+
+    kv_length: int
+    fixed: float  # embedding plus the per-call setup (positions, rotary, mask)
+    attn: tuple[float, ...]  # [L] one token through layer i's attention sublayer
+    mlp: tuple[float, ...]  # [L]
+    draft_head: float  # final norm + LM head + the annealed softmax the draft reads its confidence from
+    verify: tuple[float, ...]  # verify[k - 1]: k tokens through every layer, the LM head and argmax
+    verify_head: tuple[float, ...]  # verify_head[k - 1]: final norm + LM head + argmax for k tokens
+
+    @property
+    def step(self) -> float:
+        """One token through the whole model: the plain loop's round."""
+        return self.verify[0]
+
+    @property
+    def head(self) -> float:
+        return self.verify_head[0]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.attn)
+
+    @property
+    def max_verify_tokens(self) -> int:
+        return len(self.verify)
+
+    def _overhead(self) -> float:
+        # Residual adds and call overhead that timing sublayers one by one misses, spread evenly over them,
+        # so a draft that keeps everything costs exactly a measured step plus its softmax.
+        parts = self.fixed + sum(self.attn) + sum(self.mlp) + self.head
+        return max(0.0, self.step - parts) / (2 * self.num_layers)
+
+    def prefix(
+        self, depth: int, skip_attn: frozenset[int] = frozenset(), skip_mlp: frozenset[int] = frozenset()
+    ) -> float:
+        """One token through layers [0, depth) without the skipped sublayers, no LM head."""
+        pad = self._overhead()
+        kept = [self.attn[i] + pad for i in range(depth) if i not in skip_attn]
+        kept += [self.mlp[i] + pad for i in range(depth) if i not in skip_mlp]
+        return self.fixed + sum(kept)
+
+    def draft_step(self, exit_layer: int, skip_attn: frozenset[int], skip_mlp: frozenset[int]) -> float:
+        return self.prefix(exit_layer, skip_attn, skip_mlp) + self.draft_head
+
+    def verify_pass(self, tokens: int, start: int) -> float:
+        """`tokens` tokens through layers [start, L) and the LM head.
+
+        The layers' share of a measured k-token pass is scaled by the share of one-token layer time past
+        `start`; per-sublayer timings at every k would cost far more to measure for little gain.
+        """
+        k = min(tokens, self.max_verify_tokens) - 1
+        layers = self.verify[k] - self.verify_head[k]
+        total = self.prefix(self.num_layers) - self.fixed
+        rest = total - (self.prefix(start) - self.fixed)
+        scale = tokens / (k + 1)  # past the measured range, grow linearly
+        return scale * (layers * rest / total + self.verify_head[k])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Costs":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _medians(probes: dict[Hashable, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[Hashable, float]:
+    """Median seconds of each probe, timed round-robin: on a shared machine a slow spell then lands on all
+    probes alike instead of on whichever ran during it, which would skew their ratios."""
+    for probe in probes.values():
+        for _ in range(warmup):
+            probe()
+    times: dict[Hashable, list[float]] = {key: [] for key in probes}
+    for _ in range(repeats):
+        for key, probe in probes.items():
+            started = time.perf_counter()
+            probe()
+            times[key].append(time.perf_counter() - started)
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+@torch.inference_mode()
+def measure_costs(model: PreTrainedModel, kv_length: int = 256, max_tokens: int = 9, repeats: int = 9) -> Costs:
+    """Time the parts of a round on `model`'s device; `max_tokens` bounds the verify widths measured."""
+    adapter = adapter_for(model)
+    num_layers = adapter.num_layers
+    runner = Runner(adapter, PositionedCache(num_layers, kv_length + max_tokens))
+    context = [i % adapter.embed_tokens.num_embeddings for i in range(kv_length)]
+    h = runner.embed(context)
+    runner.layers(h, runner.span(h, 0), 0, num_layers)  # fill the cache: steps attend over kv_length keys
+    one = runner.embed(context[:1])  # [1, 1, D]
+    span = runner.span(one, kv_length)
+    span_positions = runner.cache.positions
+
+    def full_pass(tokens: int) -> torch.Tensor:
+        x = runner.embed(context[:tokens])
+        x = runner.layers(x, runner.span(x, kv_length), 0, num_layers)
+        return runner.logits(x)[0].argmax(-1)
+
+    def head(tokens: int) -> torch.Tensor:
+        return runner.logits(one.expand(1, tokens, -1))[0].argmax(-1)
+
+    def draft_head() -> torch.Tensor:
+        logits = runner.logits(one)[0, -1]  # [V]
+        return torch.softmax(logits.float() / 1.5, dim=-1)[logits.argmax()]
+
+    def attention(i: int) -> torch.Tensor:
+        runner.cache.write_at(span_positions, kv_length + 1)  # the probe before may have moved them
+        return adapter.attention(i, one, span.rope, span.mask, runner.cache)
+
+    widths = range(1, max_tokens + 1)
+    probes: dict[Hashable, Callable[[], object]] = {"fixed": lambda: runner.span(runner.embed(context[:1]), kv_length)}
+    probes |= {("attn", i): partial(attention, i) for i in range(num_layers)}
+    probes |= {("mlp", i): partial(adapter.mlp, i, one) for i in range(num_layers)}
+    probes |= {"draft_head": draft_head}
+    probes |= {("verify", k): partial(full_pass, k) for k in widths}
+    probes |= {("verify_head", k): partial(head, k) for k in widths}
+    t = _medians(probes, repeats)
+    return Costs(
+        kv_length=kv_length,
+        fixed=t["fixed"],
+        attn=tuple(t["attn", i] for i in range(num_layers)),
+        mlp=tuple(t["mlp", i] for i in range(num_layers)),
+        draft_head=t["draft_head"],
+        verify=_rising(t["verify", k] for k in widths),
+        verify_head=_rising(t["verify_head", k] for k in widths),
+    )
+
+
+def _rising(times: Iterable[float]) -> tuple[float, ...]:
+    # More tokens never cost less; a dip is timing noise and would reward wide drafts for nothing.
+    return tuple(itertools.accumulate(times, max))

@@ -1,0 +1,375 @@
+"""The tuning study: the surrogate ranks schedules in an Optuna study, then the best few are timed for real.
+
+A study lives in Optuna storage (an SQLite file by default), so an interrupted tune keeps every finished
+trial, a rerun resumes it, and several workers can share one study. What the surrogate scores against (the
+calibration continuations and the measured costs) is stored in the study when it is created, so every
+trial of a study, whichever run or worker made it, is predicted on the same footing.
+"""
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import optuna
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from selfspec.errors import SelfspecError
+from selfspec.fingerprint import model_identity
+from selfspec.loop import GenerationStats
+from selfspec.schedule import Schedule
+from selfspec.wrap import wrap
+
+from . import space
+from .costs import Costs, measure_costs
+from .prompts import Prompt
+from .surrogate import Text, predict, prepare
+from .teacher import Continuation, encode_prompt, greedy_continuations
+
+OBJECTIVES = ("speed", "speed+acceptance")
+# Measured speedups this close to 1 are within run-to-run noise; drafting must clearly pay to be chosen.
+MIN_SPEEDUP = 1.02
+MIN_ACCEPTED_LENGTH = 1.05  # predicted tokens per verify pass for a finalist
+
+
+@dataclass
+class TuneConfig:
+    out: Path
+    storage: str
+    study: str
+    trials: int = 300  # added by this run
+    timeout: float | None = 240.0  # seconds for this run's search; finished trials are kept either way
+    objective: str = "speed"
+    seed: int = 0
+    finalists: int = 3  # 0: search only, as a worker does (a later run with --trials 0 measures)
+    calibration_tokens: int = 48  # greedy continuation per calibration prompt, made once per study
+    measure_tokens: int = 64  # per held-out prompt and schedule in the timed comparison
+    measure_seconds: float = 150.0  # no new held-out prompt is started past this; one always runs
+    cost_repeats: int = 9
+
+
+@dataclass
+class Measurement:
+    """One schedule timed on the held-out prompts; trial is None for the plain loop."""
+
+    schedule: Schedule
+    trial: optuna.trial.FrozenTrial | None
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    differing_outputs: int = 0  # prompts whose output differed from the plain loop's (should stay 0)
+
+    @property
+    def prediction(self) -> dict:
+        return self.trial.user_attrs["prediction"] if self.trial else {}
+
+
+@dataclass
+class TuneResult:
+    schedule: Schedule  # what was written
+    plain: Measurement | None
+    finalists: list[Measurement]
+    chosen: Measurement | None  # None: drafting off (nothing beat plain, or nothing was measured)
+    trials: int  # finished trials in the study
+
+
+class Reporter:
+    """What a tune tells as it goes; this base tells nothing (the CLI draws progress bars)."""
+
+    def stage(self, text: str) -> None:
+        """A setup step starts."""
+
+    def search(self, trials: int, timeout: float | None) -> None:
+        """The search starts: this run adds up to `trials` trials within `timeout` seconds."""
+
+    def trial(self, done: int, best_predicted: float | None) -> None:
+        """A trial of this run finished; best_predicted is over the whole study."""
+
+    def measure(self, runs: int, seconds: float) -> None:
+        """The timed comparison starts: at most `runs` generations, new prompts started for `seconds`."""
+
+    def measured(self, done: int, best_speedup: float | None) -> None:
+        """A timed generation finished; best_speedup is the best finalist's measured speedup so far."""
+
+
+def default_storage(out: Path) -> str:
+    return f"sqlite:///{out.with_suffix('.db')}"
+
+
+def open_study(config: TuneConfig) -> optuna.Study:
+    directions = ["maximize"] if config.objective == "speed" else ["maximize", "maximize"]
+    storage = config.storage
+    if storage.startswith("sqlite"):
+        # Workers sharing one file wait for each other's writes instead of failing after SQLite's 5 s.
+        storage = optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": {"timeout": 60}})
+    study = optuna.create_study(storage=storage, study_name=config.study, directions=directions, load_if_exists=True)
+    if len(study.directions) != len(directions):
+        raise SelfspecError(f"study {config.study!r} was made for another --objective; choose another --study")
+    # Offset by the trials already there, so a resumed run does not replay the first run's random draws.
+    study.sampler = optuna.samplers.TPESampler(seed=config.seed + len(study.trials))
+    return study
+
+
+def _setup_key(model: PreTrainedModel, name: str, prompts: list[Prompt]) -> dict:
+    digest = hashlib.sha256("\0".join(p.text for p in prompts).encode()).hexdigest()[:16]
+    return {
+        "model": model_identity(model, name),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device": model.device.type,
+        "prompts_digest": digest,
+    }
+
+
+def _claim(study: optuna.Study, key: str, value) -> object:
+    """Store `value` under `key` unless a worker got there first; return what the study holds."""
+    if key not in study.user_attrs:
+        study.set_user_attr(key, value)
+    return study.user_attrs[key]
+
+
+def calibrate(
+    study: optuna.Study,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    name: str,
+    prompts: list[Prompt],
+    config: TuneConfig,
+    reporter: Reporter,
+) -> tuple[list[Text], Costs]:
+    """The study's calibration texts and costs: made and stored on first use, loaded after."""
+    key = _setup_key(model, name, prompts)
+    held = _claim(study, "setup", key)
+    if held != key:
+        raise SelfspecError(
+            f"study {study.study_name!r} was tuned for another model, dtype, device or prompt set "
+            f"({held}); choose another --study or --storage"
+        )
+    if "calibration" not in study.user_attrs:
+        reporter.stage(f"greedy continuations of {len(prompts)} calibration prompts")
+        made = greedy_continuations(model, tokenizer, [p.text for p in prompts], config.calibration_tokens)
+        _claim(study, "calibration", [[c.tokens.tolist(), c.prompt_length] for c in made])
+    continuations = [Continuation(torch.tensor(t), n) for t, n in study.user_attrs["calibration"]]
+    if "costs" not in study.user_attrs:
+        reporter.stage("timing the model's parts on this device")
+        costs = measure_costs(model, max_tokens=space.MAX_WIDTH + 1, repeats=config.cost_repeats)
+        _claim(study, "costs", costs.to_dict())
+    reporter.stage("teacher-forced passes over the calibration texts")
+    return prepare(model, continuations), Costs.from_dict(study.user_attrs["costs"])
+
+
+def _evaluate(model: PreTrainedModel, texts: list[Text], costs: Costs, objective: str, params: dict) -> tuple:
+    """(objective values, trial attributes) of the schedule that `params` describe."""
+    schedule = space.schedule_of(params, costs.num_layers)
+    prediction = predict(model, texts, costs, schedule)
+    values = [prediction.speedup] + ([prediction.accepted_length] if objective == "speed+acceptance" else [])
+    return values, {"schedule": schedule.to_dict(), "prediction": prediction.to_dict()}
+
+
+def search(
+    study: optuna.Study, model: PreTrainedModel, texts: list[Text], costs: Costs, config: TuneConfig, reporter: Reporter
+) -> None:
+    """Add up to config.trials trials within config.timeout: first the hand-picked seeds the study lacks,
+    then the sampler's.
+
+    Seeds are added as finished trials rather than enqueued: workers popping one queue of waiting trials
+    can both take the same one on SQLite, which has no row locks. Workers that start together on a new
+    study may each add the seeds, which costs a few duplicate trials and nothing else.
+    """
+    evaluate = partial(_evaluate, model, texts, costs, config.objective)
+    distributions = space.distributions(costs.num_layers)
+    known = [t.params for t in study.trials]
+    seeds = [space.params_for(s, costs.num_layers) for s in space.seeds(costs.num_layers)]
+    seeds = [p for p in seeds if p not in known]
+    reporter.search(config.trials, config.timeout)
+    started = time.perf_counter()
+    for done in range(1, config.trials + 1):
+        if config.timeout is not None and time.perf_counter() - started > config.timeout:
+            return
+        if seeds:
+            _add(study, distributions, seeds.pop(0), evaluate)
+        else:
+            _sample(study, distributions, evaluate)
+        reporter.trial(done, best_predicted(study))
+
+
+def _add(study: optuna.Study, distributions: dict, params: dict, evaluate: Callable) -> None:
+    values, attrs = evaluate(params)
+    trial = optuna.trial.create_trial(params=params, distributions=distributions, values=values, user_attrs=attrs)
+    study.add_trial(trial)
+
+
+def _sample(study: optuna.Study, distributions: dict, evaluate: Callable) -> None:
+    trial = study.ask(distributions)
+    try:
+        values, attrs = evaluate(trial.params)
+    except BaseException:  # Ctrl-C included: the trial must not stay RUNNING in a shared study
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        raise
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+    study.tell(trial, values)
+
+
+def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def best_predicted(study: optuna.Study) -> float | None:
+    return max((t.values[0] for t in completed(study)), default=None)
+
+
+def pick_finalists(study: optuna.Study, count: int) -> list[optuna.trial.FrozenTrial]:
+    """The `count` best drafts by predicted speedup, Pareto-optimal ones first, one per draft structure.
+
+    One per structure (skipped sublayers and exit), because the surrogate's floor and width choices replay
+    the real loop closely, while how a structure's costs and agreement carry over to unseen prompts is
+    what it can get wrong: distinct structures give the timed comparison more to find.
+    Drafts that cannot win whatever the cost model's error are left out: one whose tokens almost never
+    land (a round then costs a draft step plus a verify pass for one token, more than a plain step), and
+    one that runs the whole model (each draft token costs a full step: at best it ties the plain loop).
+    """
+    front = {t.number for t in study.best_trials}
+    ranked = sorted(completed(study), key=lambda t: (t.number not in front, -t.values[0]))
+    picked, seen = [], set()
+    for trial in ranked:
+        s = Schedule.from_dict(trial.user_attrs["schedule"])
+        structure = (s.skip_attn, s.skip_mlp, s.exit_layer)
+        shallower = s.skip_attn or s.skip_mlp or s.exit_layer is not None
+        lands = trial.user_attrs["prediction"]["accepted_length"] >= MIN_ACCEPTED_LENGTH
+        if shallower and lands and structure not in seen:
+            seen.add(structure)
+            picked.append(trial)
+    return picked[:count]
+
+
+def measure(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    runs: list[Measurement],
+    prompts: list[Prompt],
+    config: TuneConfig,
+    reporter: Reporter,
+) -> list[Prompt]:
+    """Timed greedy generation of every schedule on the prompts, runs[0] being the plain loop; returns the
+    prompts measured (the time budget may cut them short).
+
+    Schedules take turns on each prompt, in an order that rotates, so a slow spell on a shared machine
+    lands on all of them alike instead of on whichever ran in that minute.
+    """
+    fast = [wrap(model, run.schedule) for run in runs]
+    inputs = [encode_prompt(tokenizer, p.text) for p in prompts]
+    for f in fast:  # warm-up: first calls allocate and pick kernels
+        f.generate(inputs[0], max_new_tokens=4, do_sample=False)
+    reporter.measure(len(runs) * len(inputs), config.measure_seconds)
+    started, done = time.perf_counter(), 0
+    for j, ids in enumerate(inputs):
+        if j and time.perf_counter() - started > config.measure_seconds:
+            return prompts[:j]
+        outputs = {}
+        for k in range(len(runs)):
+            i = (j + k) % len(runs)
+            outputs[i] = fast[i].generate(ids, max_new_tokens=config.measure_tokens, do_sample=False)
+            runs[i].stats.merge(fast[i].last_stats)
+            done += 1
+            reporter.measured(done, _best_speedup(runs))
+        for i in range(1, len(runs)):
+            runs[i].differing_outputs += not torch.equal(outputs[i], outputs[0])
+    return prompts
+
+
+def _best_speedup(runs: list[Measurement]) -> float | None:
+    plain = runs[0].stats.tokens_per_second
+    measured = [r.stats.tokens_per_second for r in runs[1:] if r.stats.rounds]
+    return max(measured) / plain if plain and measured else None
+
+
+def speedup(run: Measurement, plain: Measurement) -> float:
+    return run.stats.tokens_per_second / plain.stats.tokens_per_second
+
+
+def _record(run: Measurement, plain: Measurement) -> dict:
+    return {
+        "trial": run.trial.number if run.trial else None,
+        "schedule": {k: v for k, v in run.schedule.to_dict().items() if k not in ("format", "meta")},
+        "predicted": run.prediction,
+        "tokens_per_second": round(run.stats.tokens_per_second, 3),
+        "speedup": round(speedup(run, plain), 4),
+        "mean_accepted_length": round(run.stats.mean_accepted_length, 3),
+        "differing_outputs": run.differing_outputs,
+    }
+
+
+def _chosen_meta(chosen: Measurement | None, plain: Measurement) -> dict:
+    """The written schedule's own figures; the surrogate's are None when drafting is off."""
+    run = chosen or plain
+    predicted = run.prediction
+    return {
+        "tokens_per_second": round(run.stats.tokens_per_second, 3),
+        "speedup": round(speedup(run, plain), 4),
+        "mean_accepted_length": round(run.stats.mean_accepted_length, 3),
+        "alpha": predicted.get("agreement"),
+        "c": predicted.get("draft_cost"),
+        "predicted_bound": predicted.get("bound"),
+        "predicted_speedup": predicted.get("speedup"),
+    }
+
+
+def _meta(
+    study: optuna.Study, config: TuneConfig, runs: list[Measurement], chosen: Measurement | None, prompts: dict
+) -> dict:
+    plain = runs[0]
+    return {
+        **study.user_attrs["setup"],  # model identity, dtype, device: what wrap() checks a schedule against
+        "torch_threads": torch.get_num_threads(),
+        "plain_tokens_per_second": round(plain.stats.tokens_per_second, 3),
+        **_chosen_meta(chosen, plain),
+        "finalists": [_record(run, plain) for run in runs[1:]],
+        "prompts": prompts,
+        "study": study.study_name,
+        "trials": len(completed(study)),
+        "objective": config.objective,
+        "seed": config.seed,
+    }
+
+
+def choose(runs: list[Measurement]) -> Measurement | None:
+    """The fastest measured finalist, if it clearly beats the plain loop (runs[0])."""
+    best = max(runs[1:], key=lambda r: r.stats.tokens_per_second, default=None)
+    if best is None or speedup(best, runs[0]) < MIN_SPEEDUP:
+        return None
+    return best
+
+
+def tune(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    name: str,
+    calibration: list[Prompt],
+    held_out: list[Prompt],
+    config: TuneConfig,
+    reporter: Reporter | None = None,
+) -> TuneResult:
+    """Search, measure the finalists against the plain loop, and write the best measured schedule to config.out.
+
+    With config.finalists == 0 it only adds trials to the study and writes nothing.
+    """
+    reporter = reporter or Reporter()
+    started = time.perf_counter()
+    study = open_study(config)
+    texts, costs = calibrate(study, model, tokenizer, name, calibration, config, reporter)
+    if config.trials > 0:
+        search(study, model, texts, costs, config, reporter)
+    if config.finalists == 0:
+        return TuneResult(Schedule.plain(), None, [], None, len(completed(study)))
+    finalists = [
+        Measurement(Schedule.from_dict(t.user_attrs["schedule"]), t) for t in pick_finalists(study, config.finalists)
+    ]
+    runs = [Measurement(Schedule.plain(), None), *finalists]
+    measured = measure(model, tokenizer, runs, held_out, config, reporter)
+    chosen = choose(runs)
+    prompts = {"calibration": [p.question_id for p in calibration], "held_out": [p.question_id for p in measured]}
+    meta = _meta(study, config, runs, chosen, prompts) | {"tuning_seconds": round(time.perf_counter() - started, 1)}
+    schedule = (chosen.schedule if chosen else Schedule.plain()).with_meta(**meta)
+    schedule.to_file(config.out)
+    return TuneResult(schedule, runs[0], finalists, chosen, meta["trials"])

@@ -1,0 +1,32 @@
+"""selfspec: lossless self-speculative decoding for Hugging Face causal LMs."""
+
+from .errors import (
+    DownloadError,
+    GenerationInputError,
+    ModelNotFoundError,
+    ScheduleError,
+    SelfspecError,
+    UnsupportedModelError,
+)
+from .loop import GenerationStats
+from .schedule import Schedule
+from .wrap import SpeculativeModel, unwrap, wrap
+from .zoo import list_models, load_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DownloadError",
+    "GenerationInputError",
+    "GenerationStats",
+    "ModelNotFoundError",
+    "Schedule",
+    "ScheduleError",
+    "SelfspecError",
+    "SpeculativeModel",
+    "UnsupportedModelError",
+    "list_models",
+    "load_model",
+    "unwrap",
+    "wrap",
+]

@@ -1,0 +1,70 @@
+"""One static, position-indexed KV cache shared by the draft and the verify pass.
+
+Every forward call names the positions it writes (`cache.write_at`). Entries are written in place at those
+positions; a rejected draft is never rolled back, its entries are simply overwritten by the next write at
+the same positions and, until then, hidden by the causal mask (a query at position p reads keys [0, p]).
+The class plugs into transformers' `Cache` interface, so the model's own attention modules read and write it.
+"""
+
+import torch
+from transformers.cache_utils import Cache, StaticLayer
+
+
+class _PositionedLayer(StaticLayer):
+    """A StaticLayer that writes at the cache's current positions instead of its own running counter."""
+
+    def __init__(self, max_cache_len: int, owner: "PositionedCache"):
+        super().__init__(max_cache_len=max_cache_len)
+        self.owner = owner
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        positions = self.owner.positions  # [T]
+        self.keys.index_copy_(2, positions, key_states)  # keys: [B, H_kv, S, head_dim]
+        self.values.index_copy_(2, positions, value_states)
+        n = self.owner.visible
+        if n is None:
+            return self.keys, self.values
+        return self.keys[:, :, :n], self.values[:, :, :n]
+
+    def get_seq_length(self) -> int:
+        return self.owner.visible or 0
+
+
+class PositionedCache(Cache):
+    """KV storage for `num_layers` layers and `max_len` positions, written at caller-chosen positions."""
+
+    def __init__(self, num_layers: int, max_len: int):
+        self.max_len = max_len
+        self.positions = torch.zeros(0, dtype=torch.long)
+        # Keys past `visible` are never attended to in this call, so attention reads only [0, visible).
+        self.visible: int | None = None
+        super().__init__(layers=[_PositionedLayer(max_len, self) for _ in range(num_layers)])
+
+    def write_at(self, positions: torch.Tensor, visible: int | None) -> None:
+        """Set where the next forward writes (positions [T]) and how many key positions it may read."""
+        self.positions = positions
+        self.visible = visible
+
+
+def causal_mask(
+    start: int, count: int, visible: int, attn_implementation: str, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Mask for `count` queries at positions [start, start+count) over keys [0, visible): [1, 1, count, visible].
+
+    None where the attention needs no explicit mask: a one-token step that reads every visible key, or an
+    sdpa prefill from position 0 (its `is_causal` path). That is what `model.generate` passes in those cases,
+    so both take the same attention kernel and round alike.
+    """
+    last = start + count - 1
+    if last == visible - 1 and (count == 1 or (start == 0 and attn_implementation == "sdpa")):
+        return None
+    keys = torch.arange(visible, device=device)
+    queries = torch.arange(start, start + count, device=device)
+    allowed = keys[None, :] <= queries[:, None]  # [count, visible]
+    if attn_implementation == "sdpa":
+        return allowed[None, None]
+    blocked = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    blocked.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return blocked[None, None]

@@ -1,0 +1,68 @@
+"""Runs spans of a model's layers over the shared cache, skipping whichever sublayers it is told to.
+
+Both the draft (shallow, skipping) and the verify pass (the remaining layers, all sublayers) go through
+`Runner.layers`, so the two differ only in which layers and sublayers run.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapter import Adapter
+from .cache import PositionedCache, causal_mask
+
+
+@dataclass
+class Span:
+    """The positions one forward call covers, with what every layer of that call shares."""
+
+    start: int
+    count: int
+    rope: tuple[torch.Tensor, torch.Tensor]
+    mask: torch.Tensor | None
+
+
+class Runner:
+    def __init__(self, adapter: Adapter, cache: PositionedCache):
+        self.adapter = adapter
+        self.cache = cache
+
+    def embed(self, token_ids: list[int]) -> torch.Tensor:
+        ids = torch.tensor([token_ids], dtype=torch.long, device=self.cache_device)
+        return self.adapter.embed(ids)  # [1, T, D]
+
+    @property
+    def cache_device(self) -> torch.device:
+        return self.adapter.lm_head.weight.device
+
+    def span(self, h: torch.Tensor, start: int) -> Span:
+        """Prepare a forward over positions [start, start + T) for hidden states h [1, T, D]."""
+        count = h.shape[1]
+        visible = start + count
+        if visible > self.cache.max_len:
+            raise RuntimeError(f"position {visible} is past the cache length {self.cache.max_len}")
+        positions = torch.arange(start, visible, device=h.device)
+        self.cache.write_at(positions, visible)
+        rope = self.adapter.position_embeddings(h, positions)
+        mask = causal_mask(start, count, visible, self.adapter.attn_implementation, h.device, h.dtype)
+        return Span(start, count, rope, mask)
+
+    def layers(
+        self,
+        h: torch.Tensor,
+        span: Span,
+        first: int,
+        stop: int,
+        skip_attn: frozenset[int] = frozenset(),
+        skip_mlp: frozenset[int] = frozenset(),
+    ) -> torch.Tensor:
+        """Run layers [first, stop) on h [1, T, D]; a skipped sublayer leaves the residual stream as is."""
+        for i in range(first, stop):
+            if i not in skip_attn:
+                h = h + self.adapter.attention(i, h, span.rope, span.mask, self.cache)
+            if i not in skip_mlp:
+                h = h + self.adapter.mlp(i, h)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.adapter.logits(h)  # [1, T, V]

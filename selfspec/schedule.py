@@ -1,0 +1,161 @@
+"""The draft schedule: which sublayers the draft skips, where it may exit, and how far a round may guess.
+
+A schedule is plain data, stored as versioned JSON (never pickle) and validated against the model it runs on.
+"""
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ScheduleError
+
+FORMAT = "selfspec.schedule/1"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Draft settings.
+
+    skip_attn / skip_mlp: layers whose attention / MLP sublayer the draft skips (the residual passes through).
+    exit_layer: the draft runs layers [0, exit_layer) then the final norm and LM head (None: all layers).
+    exit_layers: candidate exits for per-token dynamic exit: a draft token leaves at the first candidate whose
+        annealed confidence reaches `confidence` (overrides exit_layer when given).
+    max_draft: width bound, drafted tokens per round (0: drafting off, the plain decoder).
+    anneal: a in T_l = 1 + a * (1 - l / L); draft logits from effective depth l are divided by T_l before
+        their confidence is read.
+    confidence: the round stops as soon as a draft token's annealed probability is below this floor.
+    max_depth: depth bound for dynamic exit; a token that would need a deeper exit ends the round.
+    adaptive_width: grow the width after fully accepted rounds, shrink it after a rejection.
+    """
+
+    skip_attn: tuple[int, ...] = ()
+    skip_mlp: tuple[int, ...] = ()
+    exit_layer: int | None = None
+    exit_layers: tuple[int, ...] = ()
+    max_draft: int = 4
+    anneal: float = 0.0
+    confidence: float = 0.0
+    max_depth: int | None = None
+    adaptive_width: bool = False
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("skip_attn", "skip_mlp", "exit_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)) or not all(_is_int(v) for v in value):
+                raise ScheduleError(f"schedule field {name} must be a list of layer indices, got {value!r}")
+            object.__setattr__(self, name, tuple(sorted(set(value))))
+        _check(_is_int(self.max_draft) and self.max_draft >= 0, f"max_draft must be an integer >= 0, got {self.max_draft!r}")
+        _check(self.max_draft <= 64, f"max_draft must be <= 64, got {self.max_draft}")
+        _check(_is_number(self.anneal) and self.anneal >= 0, f"anneal must be a number >= 0, got {self.anneal!r}")
+        _check(
+            _is_number(self.confidence) and 0.0 <= self.confidence <= 1.0,
+            f"confidence must be in [0, 1], got {self.confidence!r}",
+        )
+        for name in ("exit_layer", "max_depth"):
+            value = getattr(self, name)
+            _check(value is None or (_is_int(value) and value >= 1), f"{name} must be None or an integer >= 1, got {value!r}")
+        _check(isinstance(self.adaptive_width, bool), f"adaptive_width must be true or false, got {self.adaptive_width!r}")
+
+    @classmethod
+    def plain(cls) -> "Schedule":
+        """Drafting off: the plain decoder through the same loop."""
+        return cls(max_draft=0)
+
+    @property
+    def drafting(self) -> bool:
+        return self.max_draft > 0
+
+    def exits(self, num_layers: int) -> tuple[int, ...]:
+        """Candidate exit layers, shallowest first; the last one is where every draft token must stop."""
+        if self.exit_layers:
+            return self.exit_layers
+        return (self.exit_layer or num_layers,)
+
+    def validate_for(self, num_layers: int) -> "Schedule":
+        """Raise ScheduleError unless every index fits a model with `num_layers` layers."""
+        for name in ("skip_attn", "skip_mlp"):
+            bad = [i for i in getattr(self, name) if not 0 <= i < num_layers]
+            _check(not bad, f"{name} has layer indices {bad} outside [0, {num_layers - 1}] for this {num_layers}-layer model")
+        bad = [e for e in self.exits(num_layers) if not 1 <= e <= num_layers]
+        _check(not bad, f"exit layers {bad} are outside [1, {num_layers}] for this {num_layers}-layer model")
+        if self.max_depth is not None:
+            _check(
+                self.max_depth >= self.exits(num_layers)[0],
+                f"max_depth {self.max_depth} is shallower than every exit {list(self.exits(num_layers))}",
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data = {"format": FORMAT, **{k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Schedule":
+        if not isinstance(data, dict):
+            raise ScheduleError("a schedule must be a JSON object")
+        version = data.get("format")
+        if version != FORMAT:
+            raise ScheduleError(f"schedule format is {version!r}; this selfspec reads {FORMAT!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"format"})
+        if unknown:
+            raise ScheduleError(f"unknown schedule fields {unknown}; known: {sorted(known)}")
+        values = {k: v for k, v in data.items() if k != "format"}
+        for name in ("skip_attn", "skip_mlp", "exit_layers"):
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
+        if not isinstance(values.get("meta", {}), dict):
+            raise ScheduleError("schedule field meta must be an object")
+        return cls(**values)
+
+    def to_file(self, path: str | os.PathLike) -> None:
+        write_json_atomic(Path(path), self.to_dict())
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Schedule":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ScheduleError(f"cannot read schedule {path}: {e.strerror or e}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ScheduleError(f"schedule {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+        return cls.from_dict(data)
+
+    def with_meta(self, **meta: Any) -> "Schedule":
+        return replace(self, meta={**self.meta, **meta})
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temp file and a rename, so a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ScheduleError(message)

@@ -1,0 +1,21 @@
+"""Shared fixtures: real zoo models, built into the selfspec cache on first use."""
+
+import pytest
+import torch
+
+from selfspec.zoo import load_model
+
+# CI runners and the dev box have 2 cores; more threads only adds contention
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32():
+    """(model, tokenizer) for smollm2-135m in float32."""
+    return load_model("smollm2-135m", "float32")
+
+
+@pytest.fixture(scope="session")
+def qwen05_fp32():
+    """(model, tokenizer) for qwen2.5-coder-0.5b in float32."""
+    return load_model("qwen2.5-coder-0.5b", "float32")

@@ -1,0 +1,55 @@
+"""Every supported family, built small from a config (losslessness needs no trained weights)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+import selfspec
+from selfspec.adapter import PRE_NORM_FAMILIES
+
+SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, head_dim=16)  # fmt: skip
+SCHEDULES = [
+    selfspec.Schedule(max_draft=4),  # full depth: every draft accepted
+    selfspec.Schedule(exit_layer=3, max_draft=3),
+    selfspec.Schedule(skip_attn=(1, 4), skip_mlp=(2,), max_draft=5),
+    selfspec.Schedule(skip_attn=(0,), exit_layers=(2, 4, 6), anneal=1.0, confidence=0.02, max_draft=4),
+    selfspec.Schedule.plain(),
+]
+
+
+def tiny(family: str, attn: str = "sdpa"):
+    torch.manual_seed(0)
+    config = CONFIG_MAPPING[family](**SMALL)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", PRE_NORM_FAMILIES)
+def test_family_matches_generate(family, attn):
+    model = tiny(family, attn)
+    ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+    expected = model.generate(ids, max_new_tokens=20, do_sample=False)
+    for schedule in SCHEDULES:
+        assert torch.equal(selfspec.wrap(model, schedule).generate(ids, max_new_tokens=20), expected), schedule
+
+
+def test_prompt_filling_the_context_exactly():
+    model = tiny("llama")
+    limit = model.config.max_position_embeddings
+    ids = torch.randint(3, 256, (1, limit - 6), generator=torch.Generator().manual_seed(2))
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False)
+    fast = selfspec.wrap(model, selfspec.Schedule(max_draft=8))
+    assert torch.equal(fast.generate(ids, max_new_tokens=6), expected)
+    with pytest.raises(selfspec.GenerationInputError, match="exceeds the model's context"):
+        fast.generate(ids, max_new_tokens=7)
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(selfspec.UnsupportedModelError, match="supported: llama"):
+        selfspec.wrap(model)

@@ -1,0 +1,168 @@
+"""`selfspec tune` on the real smollm2-135m with tiny budgets: surrogate sanity, the written schedule, resume,
+and two worker processes sharing one study."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from click.testing import CliRunner
+from selfspec.search import command
+from selfspec.search.command import tune_command
+from selfspec.search.costs import measure_costs
+from selfspec.search.prompts import BUILTIN, read_prompts, split
+from selfspec.search.surrogate import leviathan_bound, predict, prepare, score
+from selfspec.search.teacher import encode_prompt, greedy_continuations
+from selfspec.search.tune import TuneConfig, completed, open_study, tune
+
+import selfspec
+from selfspec import SelfspecError
+
+# short replies keep the calibration and timed runs small
+SHORT = [BUILTIN[5], BUILTIN[1], BUILTIN[14]]
+
+
+def write_prompts(path: Path) -> Path:
+    lines = [json.dumps({"question_id": p.question_id, "category": p.category, "turns": [p.text]}) for p in SHORT]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def study_trials(storage: str, name: str) -> int:
+    return len(completed(optuna.load_study(study_name=name, storage=storage)))
+
+
+@pytest.fixture
+def one_thread():
+    # timings on a shared 2-core machine are steadier with one thread; the command sets it process-wide
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def calibrated(smollm2_fp32):
+    model, tokenizer = smollm2_fp32
+    continuations = greedy_continuations(model, tokenizer, [p.text for p in SHORT[:2]], 16)
+    return prepare(model, continuations), measure_costs(model, kv_length=64, max_tokens=5, repeats=3)
+
+
+def test_full_depth_draft_agrees_everywhere(smollm2_fp32, calibrated):
+    model, _ = smollm2_fp32
+    texts, costs = calibrated
+    full = selfspec.Schedule(max_draft=4)
+    scored = score(model, texts, full)
+    assert all(all(s.agree) for s in scored)
+    assert all(0.0 <= c <= 1.0 for s in scored for c in s.confidence)
+    prediction = predict(model, texts, costs, full)
+    assert prediction.agreement == 1.0
+    # 16 positions a text: three full rounds of 4 drafts + 1, then one plain step
+    assert prediction.accepted_length == pytest.approx(4.0)
+    assert 0.9 < prediction.draft_cost < 1.3
+
+
+def test_shallow_drafts_are_cheaper_and_agree_less(smollm2_fp32, calibrated):
+    model, _ = smollm2_fp32
+    texts, costs = calibrated
+    shallow = predict(model, texts, costs, selfspec.Schedule(exit_layer=15, max_draft=3, anneal=1.0, confidence=0.5))
+    skipping = predict(model, texts, costs, selfspec.Schedule(skip_attn=(20, 24), max_draft=2))
+    for p in (shallow, skipping):
+        assert 0.0 <= p.agreement < 1.0
+        assert 1.0 <= p.accepted_length <= 4.0
+        assert 0.0 < p.speedup < 5.0 and math.isfinite(p.bound)
+    assert shallow.draft_cost < 0.8 < skipping.draft_cost
+    assert shallow.agreement < skipping.agreement
+    assert shallow.bound == pytest.approx(leviathan_bound(shallow.agreement, 3, shallow.draft_cost))
+
+
+def test_leviathan_bound():
+    assert leviathan_bound(1.0, 3, 0.0) == pytest.approx(4.0)
+    assert leviathan_bound(0.0, 4, 0.5) == pytest.approx(1 / 3)
+    assert leviathan_bound(0.5, 1, 0.0) == pytest.approx(1.5)
+
+
+def test_prompts_split_and_file(tmp_path):
+    calibration, held_out = split(BUILTIN)
+    assert len(calibration) + len(held_out) == len(BUILTIN) and held_out
+    assert {p.category for p in held_out} <= {p.category for p in BUILTIN}
+    assert [p.text for p in read_prompts(write_prompts(tmp_path / "p.jsonl"))] == [p.text for p in SHORT]
+    (tmp_path / "one.jsonl").write_text(json.dumps({"question_id": 1, "category": "c", "turns": ["hi"]}))
+    with pytest.raises(SelfspecError, match="at least 2"):
+        read_prompts(tmp_path / "one.jsonl")
+
+
+def test_tune_writes_a_schedule_that_runs_and_resumes(smollm2_fp32, tmp_path, one_thread):
+    model, tokenizer = smollm2_fp32
+    out = tmp_path / "smol.schedule.json"
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    common = ["smollm2-135m", "--dtype", "float32", "--prompts", str(prompts), "--out", str(out), "--threads", "1"]
+    result = CliRunner().invoke(tune_command, [*common, "--trials", "3", "--finalists", "2"])
+    assert result.exit_code == 0, result.output
+    assert "finalists" in result.output and "wrote" in result.output
+
+    schedule = selfspec.Schedule.from_file(out)
+    meta = schedule.meta
+    assert meta["model"]["name"] == "smollm2-135m" and meta["dtype"] == "float32"
+    assert meta["trials"] == 3 and 1 <= len(meta["finalists"]) <= 2
+    assert meta["plain_tokens_per_second"] > 0 and meta["tuning_seconds"] > 0
+    assert all(f["differing_outputs"] == 0 for f in meta["finalists"])  # float32 drafting is exact
+    assert schedule.drafting == (meta["speedup"] > 1.0)
+    ids = encode_prompt(tokenizer, SHORT[0].text)
+    fast = selfspec.wrap(model, schedule)
+    assert fast.generate(ids, max_new_tokens=8, do_sample=False).shape == (1, ids.shape[1] + 8)
+
+    storage = f"sqlite:///{out.with_suffix('.db')}"
+    resumed = CliRunner().invoke(tune_command, [*common, "--trials", "2", "--finalists", "0"])
+    assert resumed.exit_code == 0, resumed.output
+    assert study_trials(storage, "smollm2-135m-float32-speed") == 5
+
+
+def test_two_workers_share_one_study(smollm2_fp32, tmp_path):
+    model, tokenizer = smollm2_fp32
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    storage, name = f"sqlite:///{tmp_path / 'shared.db'}", "shared"
+    calibration, held_out = split(read_prompts(prompts))
+    config = TuneConfig(
+        tmp_path / "s.json", storage, name, trials=1, finalists=0, calibration_tokens=16, cost_repeats=3
+    )
+    tune(model, tokenizer, "smollm2-135m", calibration, held_out, config)  # stores the study's calibration
+
+    worker = [sys.executable, "-m", "selfspec.search.command", "smollm2-135m", "--dtype", "float32"]
+    worker += ["--prompts", str(prompts), "--storage", storage, "--study", name, "--trials", "2", "--finalists", "0"]
+    workers = [
+        subprocess.Popen(
+            [*worker, "--seed", str(seed), "--threads", "1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
+    for w in workers:
+        output, _ = w.communicate(timeout=240)
+        assert w.returncode == 0, output
+    # each worker adds exactly its own 2 trials, so 5 means both wrote to the one study
+    assert study_trials(storage, name) == 5
+
+
+def test_ctrl_c_prints_how_to_resume(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "load_model", interrupted)
+    out = tmp_path / "m.schedule.json"
+    result = CliRunner().invoke(tune_command, ["smollm2-135m", "--out", str(out), "--trials", "7"])
+    assert result.exit_code == 130
+    assert f"--storage sqlite:///{out.with_suffix('.db')}" in result.output
+    assert "--study smollm2-135m-bfloat16-speed" in result.output and "--trials 7" in result.output
+
+
+def test_a_study_refuses_another_objective(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'x.db'}"
+    open_study(TuneConfig(tmp_path / "x.json", storage, "x"))
+    with pytest.raises(SelfspecError, match="objective"):
+        open_study(TuneConfig(tmp_path / "x.json", storage, "x", objective="speed+acceptance"))
