@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 # re-install only when the project's requirements change
 STAMP := $(VENV)/.selfspec-installed
 
-.PHONY: env run test lint clean
+.PHONY: env run test soak lint clean
 
 env: $(STAMP)
 
@@ -18,10 +18,13 @@ $(STAMP): pyproject.toml
 	touch $@
 
 run: env
-	$(BIN)/selfspec generate smollm2-135m "Write a haiku about the sea."
+	$(BIN)/selfspec tune smollm2-135m
 
 test: env
 	$(BIN)/python -m pytest -q
+
+soak: env
+	$(BIN)/python -m pytest -q -s -m soak
 
 lint: env
 	$(BIN)/ruff check .

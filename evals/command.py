@@ -10,6 +10,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import PreTrainedTokenizerBase
 
 from selfspec import Schedule
+from selfspec.cli_options import trust_remote_code_option
+from selfspec.files import ensure_writable
 from selfspec.zoo import load_model, parse_dtype
 
 from . import report as rep
@@ -110,6 +112,7 @@ def _compare(model: str | None, paths: tuple[Path, Path]) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Report folder (default: ./eval-<model>).",
 )
+@trust_remote_code_option
 @click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's choice).")
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
 @click.option("--seed", type=int, help="Seed for --sample (default 0), reset before every generation.")
@@ -133,6 +136,7 @@ def eval_command(
     repeats: int,
     out_dir: Path | None,
     threads: int | None,
+    trust_remote_code: bool,
     sample: bool,
     seed: int | None,
     compare: tuple[Path, Path] | None,
@@ -155,10 +159,12 @@ def eval_command(
     check_baselines(chosen)
     prompts = _prompts(prompts_path, categories, limit)
     schedule = Schedule.from_file(schedule_path) if schedule_path is not None else None
+    out_dir = out_dir or Path(f"eval-{Path(model).name}")
+    ensure_writable(out_dir / "report.json")
     if threads is not None:
         torch.set_num_threads(threads)
 
-    lm, tokenizer = load_model(model, dtype)
+    lm, tokenizer = load_model(model, dtype, trust_remote_code=trust_remote_code)
     methods = build_methods(lm, schedule, chosen)
     settings = Settings(max_new_tokens, repeats, sample, 0 if seed is None else seed)
     source = str(prompts_path) if prompts_path else "built-in long-form"
@@ -168,7 +174,7 @@ def eval_command(
     report = rep.build_report([rep.prompt_record(run) for run in runs], meta, partial=interrupted)
     console = _stdout()
     rep.print_report(report, console)
-    for path in rep.save(report, out_dir or Path(f"eval-{Path(model).name}")):
+    for path in rep.save(report, out_dir):
         console.print(f"wrote {path}")
     if interrupted:
         console.print(f"[yellow]interrupted: the report holds the {len(runs)} finished prompt(s)[/yellow]")

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 
 import selfspec
 from selfspec import GenerationStats, SelfspecError
-from selfspec.schedule import write_json_atomic
+from selfspec.files import write_json_atomic
 
 from .prompts import ALL
 from .runner import REFERENCE, Method, PromptRun, Settings
@@ -38,6 +38,9 @@ ENGINE_METRICS = (
     "accepted",
     "stop_reasons",
     "accepted_lengths",
+    "rounds_by_source",
+    "drafted_by_source",
+    "accepted_by_source",
 )
 MAX_LISTED = 10  # differing prompts named in the terminal; report.json has them all
 # fixed per method, so that plots of runs with different baselines read alike
@@ -124,6 +127,9 @@ def _engine_metrics(stats: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         "accepted": total.accepted,
         "stop_reasons": dict(total.stop_reasons.most_common()),
         "accepted_lengths": {str(k): v for k, v in sorted(total.accepted_lengths.items())},
+        "rounds_by_source": dict(total.rounds_by_source.most_common()),
+        "drafted_by_source": dict(total.drafted_by_source.most_common()),
+        "accepted_by_source": dict(total.accepted_by_source.most_common()),
     }
 
 
@@ -131,7 +137,8 @@ def _stats_from_dict(s: dict[str, Any]) -> GenerationStats:
     # merging real GenerationStats keeps the engine's own definitions of the derived rates
     lengths = Counter({int(k): v for k, v in s["accepted_lengths"].items()})
     counts = {k: s[k] for k in ENGINE_FIELDS}
-    return GenerationStats(**counts, stop_reasons=Counter(s["stop_reasons"]), accepted_lengths=lengths)
+    by_source = {k: Counter(s.get(k, {})) for k in ("rounds_by_source", "drafted_by_source", "accepted_by_source")}
+    return GenerationStats(**counts, stop_reasons=Counter(s["stop_reasons"]), accepted_lengths=lengths, **by_source)
 
 
 def environment(model: PreTrainedModel) -> dict[str, Any]:
@@ -292,6 +299,13 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         if m["stop_reasons"]:
             reasons = " · ".join(f"{reason} {count}" for reason, count in m["stop_reasons"].items())
             console.print(f"{method} rounds by stop reason: {reasons}")
+        if m["rounds_by_source"]:
+            sources = " · ".join(
+                f"{source} {rounds} rounds, {m['accepted_by_source'].get(source, 0)}/"
+                f"{m['drafted_by_source'].get(source, 0)} drafted tokens kept"
+                for source, rounds in m["rounds_by_source"].items()
+            )
+            console.print(f"{method} by draft source: {sources}")
     differing = [
         f"[red]{method}[/red] differs from generate on {record['question_id']} ({record['category']}) "
         f"from new token {run['first_diff']}"

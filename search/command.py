@@ -2,6 +2,7 @@
 
 import shlex
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -11,10 +12,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from selfspec.cli_options import trust_remote_code_option
+from selfspec.errors import SelfspecError
+from selfspec.files import ensure_writable
 from selfspec.schedule import Schedule
+from selfspec.wrap import wrap
 from selfspec.zoo import load_model, parse_dtype
 
+from .anneal import fit_anneal
 from .prompts import BUILTIN, read_prompts, split
+from .surrogate import prepare
+from .teacher import greedy_continuations
 from .tune import OBJECTIVES, Measurement, Reporter, TuneConfig, TuneResult, default_storage, speedup, tune
 
 
@@ -73,10 +81,15 @@ def _layers(indices: tuple[int, ...]) -> str:
 
 
 def describe(schedule: Schedule) -> str:
-    """One short line: skipped sublayers, exit, width, confidence floor, anneal."""
+    """One short line: context copies, then skipped sublayers, exit, width, confidence floor, anneal."""
     if not schedule.drafting:
         return "plain loop (drafting off)"
-    parts = [
+    parts = []
+    if schedule.context_ngram:
+        parts.append(f"ctx n{schedule.context_min_ngram}-{schedule.context_ngram} w{schedule.context_max_draft}")
+    if schedule.max_draft == 0:
+        return " ".join(parts + ["+ plain"])
+    parts += [
         f"{name} {_layers(layers)}"
         for name, layers in (("attn", schedule.skip_attn), ("mlp", schedule.skip_mlp))
         if layers
@@ -89,19 +102,21 @@ def describe(schedule: Schedule) -> str:
 
 
 _CAPTION = (
-    "alpha: draft/full agreement; c: draft step / full step; bound: Leviathan's (1-a^(g+1))/((1-a)(gc+1)); "
+    "alpha: layer-draft/full agreement; c: layer-draft step / full step; copied: predicted share of tokens from "
+    "context copies; bound: Leviathan's (1-a^(g+1))/((1-a)(gc+1)); "
     "pred./meas.: predicted / measured speedup; acc.: measured tokens per verify pass; "
-    "schedule: skipped attn/mlp layers, exit, width (+: adaptive), confidence floor p, anneal a"
+    "schedule: context copies (ctx n-gram sizes, width), skipped attn/mlp layers, exit, width (+: adaptive), "
+    "confidence floor p, anneal a"
 )
 
 
 def _table(result: TuneResult) -> Table:
     table = Table(title="finalists timed against the plain loop on held-out prompts", caption=_CAPTION)
-    for column in ("trial", "schedule", "alpha", "c", "bound", "pred.", "meas.", "acc.", "tok/s"):
+    for column in ("trial", "schedule", "alpha", "c", "copied", "bound", "pred.", "meas.", "acc.", "tok/s"):
         table.add_column(column, overflow="fold", justify="left" if column == "schedule" else "right")
     plain = result.plain
     table.add_row(
-        "-", describe(plain.schedule), "", "", "", "1.000", "1.000", "1.00", f"{plain.stats.tokens_per_second:.2f}"
+        "-", describe(plain.schedule), "", "", "", "", "1.000", "1.000", "1.00", f"{plain.stats.tokens_per_second:.2f}"
     )
     for run in result.finalists:
         table.add_row(*_row(run, plain), style="bold green" if run is result.chosen else None)
@@ -115,6 +130,7 @@ def _row(run: Measurement, plain: Measurement) -> tuple[str, ...]:
         describe(run.schedule) + (" [red](output differs)[/red]" if run.differing_outputs else ""),
         f"{p['agreement']:.2f}",
         f"{p['draft_cost']:.2f}",
+        f"{p.get('context_share', 0.0):.0%}",
         f"{p['bound']:.3f}",
         f"{p['speedup']:.3f}",
         f"{speedup(run, plain):.3f}",
@@ -175,6 +191,7 @@ def _summary(result: TuneResult, out: Path) -> str:
 @click.option(
     "--seed", type=int, default=TuneConfig.seed, show_default=True, help="Sampler seed; give each worker its own."
 )
+@trust_remote_code_option
 @click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's choice).")
 @click.option(
     "--finalists",
@@ -195,6 +212,7 @@ def tune_command(
     out: Path | None,
     seed: int,
     threads: int | None,
+    trust_remote_code: bool,
     finalists: int,
 ) -> None:
     """Tune MODEL's draft schedule (a zoo name or a model directory) and write it as JSON.
@@ -208,6 +226,7 @@ def tune_command(
     dtype_name = str(parse_dtype(dtype)).removeprefix("torch.")  # fail before a long load; bf16 == bfloat16
     label = Path(model).name
     out = out or Path(f"{label}.schedule.json")
+    ensure_writable(out)
     config = TuneConfig(
         out=out,
         storage=storage or default_storage(out),
@@ -235,7 +254,7 @@ def tune_command(
     try:
         with bars.progress:
             console.print(f"[dim]- loading {model} ({dtype_name})[/dim]")
-            lm, tokenizer = load_model(model, dtype_name)
+            lm, tokenizer = load_model(model, dtype_name, trust_remote_code=trust_remote_code)
             result = tune(lm, tokenizer, label, calibration, held_out, config, bars)
     except KeyboardInterrupt:
         console.print(f"\ninterrupted: finished trials are kept in {config.storage} (study {config.study!r})")
@@ -254,6 +273,68 @@ def tune_command(
         return
     console.print(_table(result))
     console.print(_summary(result, out) + f" ({seconds:.0f}s)")
+
+
+@click.command("calibrate")
+@click.argument("model")
+@click.option(
+    "--schedule",
+    "schedule_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Schedule JSON whose layer draft is calibrated.",
+)
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Calibration prompts, Spec-Bench JSONL; default: built-in set.",
+)
+@click.option("--tokens", type=click.IntRange(min=4), default=48, show_default=True, help="Greedy tokens a prompt.")
+@click.option("--dtype", default="bfloat16", show_default=True, help="float32, bfloat16 or float16.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Default: SCHEDULE.calibrated.json.")
+@trust_remote_code_option
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's choice).")
+def calibrate_command(
+    model: str,
+    schedule_path: Path,
+    prompts_file: Path | None,
+    tokens: int,
+    dtype: str,
+    out: Path | None,
+    threads: int | None,
+    trust_remote_code: bool,
+) -> None:
+    """Fit the annealing strength a of a schedule's layer draft on MODEL, and write the schedule with it.
+
+    a is chosen to minimise the expected calibration error (ECE) of the draft's annealed confidence
+    against agreement with the full model, on the model's own greedy continuations of the prompts.
+    """
+    schedule = Schedule.from_file(schedule_path)
+    if schedule.max_draft == 0:
+        raise SelfspecError(f"{schedule_path} has no layer draft (max_draft 0): nothing to calibrate")
+    prompts = read_prompts(prompts_file) if prompts_file else BUILTIN
+    dtype_name = str(parse_dtype(dtype)).removeprefix("torch.")
+    out = out or schedule_path.with_name(f"{schedule_path.stem}.calibrated.json")
+    ensure_writable(out)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    console = Console()
+    with console.status(f"loading {model} ({dtype_name})") as status:
+        lm, tokenizer = load_model(model, dtype_name, trust_remote_code=trust_remote_code)
+        wrap(lm, schedule)  # refuses a schedule made for another model
+        status.update(f"greedy continuations of {len(prompts)} prompts")
+        texts = prepare(lm, greedy_continuations(lm, tokenizer, [p.text for p in prompts], tokens))
+        status.update("fitting the annealing strength")
+        result = fit_anneal(lm, texts, schedule)
+    table = Table(title=f"draft confidence calibration · {describe(schedule)} · {result.positions} positions")
+    for column in ("", "a", "ECE"):
+        table.add_column(column, justify="right")
+    table.add_row("schedule", f"{result.anneal_before:.2f}", f"{result.ece_before:.4f}")
+    table.add_row("fitted", f"{result.anneal:.2f}", f"{result.ece:.4f}", style="bold green")
+    console.print(table)
+    replace(schedule, anneal=result.anneal).with_meta(calibration=result.to_dict()).to_file(out)
+    console.print(f"wrote {out}")
 
 
 if __name__ == "__main__":  # `python -m selfspec.search.command`: one more worker on a shared study

@@ -1,7 +1,10 @@
-"""The Optuna search space: which sublayers the draft skips, where it exits, and how a round drafts.
+"""The Optuna search space: which sublayers the draft skips, where it exits, how a round drafts, and whether
+context drafts (copies of earlier text) take rounds when the text repeats.
 
 Every trial draws the same parameters (a skip choice for every candidate sublayer even past the exit,
-where it has no effect), so the space is fixed and multivariate TPE can model it jointly.
+where it has no effect), so the space is fixed and multivariate TPE can model it jointly. A "layer draft"
+that skips nothing and exits at the top would be the model itself at full cost: that point of the space
+means no layer draft at all, so plain steps and context-only drafting are in the space too.
 """
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
@@ -9,7 +12,11 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from selfspec.schedule import Schedule
 from selfspec.wrap import default_schedule
 
-MAX_WIDTH = 8  # widths past this need near-perfect agreement to pay, and the costs measure verify up to it + 1
+MAX_WIDTH = 8  # widths past this need near-perfect agreement to pay
+# A copy costs no draft step, so its width is bounded only by how the verify pass grows with width.
+MAX_CONTEXT_WIDTH = 12
+MAX_VERIFY_TOKENS = max(MAX_WIDTH, MAX_CONTEXT_WIDTH) + 1  # the verify widths the costs are measured at
+CONTEXT_NGRAM = 4
 ANNEAL = (0.0, 3.0)
 CONFIDENCE = (0.2, 0.99)
 
@@ -36,20 +43,30 @@ def distributions(num_layers: int) -> dict[str, BaseDistribution]:
         "anneal": FloatDistribution(*ANNEAL),
         "confidence": FloatDistribution(*CONFIDENCE),
         "adaptive_width": CategoricalDistribution([False, True]),
+        "context_ngram": IntDistribution(0, CONTEXT_NGRAM),
+        "context_min_ngram": IntDistribution(1, CONTEXT_NGRAM),
+        "context_width": IntDistribution(2, MAX_CONTEXT_WIDTH),
     }
 
 
 def schedule_of(params: dict, num_layers: int) -> Schedule:
     exit_layer = params["exit"]
     kept = [i for i in skip_candidates(num_layers) if i < exit_layer]
+    skip_attn = tuple(i for i in kept if params[f"attn_{i}"])
+    skip_mlp = tuple(i for i in kept if params[f"mlp_{i}"])
+    shallower = skip_attn or skip_mlp or exit_layer < num_layers
+    ngram = params["context_ngram"]
     return Schedule(
-        skip_attn=tuple(i for i in kept if params[f"attn_{i}"]),
-        skip_mlp=tuple(i for i in kept if params[f"mlp_{i}"]),
+        skip_attn=skip_attn,
+        skip_mlp=skip_mlp,
         exit_layer=None if exit_layer == num_layers else exit_layer,
-        max_draft=params["width"],
+        max_draft=params["width"] if shallower else 0,
         anneal=params["anneal"],
         confidence=params["confidence"],
         adaptive_width=params["adaptive_width"],
+        context_ngram=ngram,
+        context_min_ngram=min(params["context_min_ngram"], max(1, ngram)),
+        context_max_draft=params["context_width"],
     )
 
 
@@ -57,10 +74,13 @@ def params_for(schedule: Schedule, num_layers: int) -> dict:
     """The parameters that `schedule_of` turns into `schedule` (skips outside the candidates dropped)."""
     params = {
         "exit": schedule.exit_layer or num_layers,
-        "width": schedule.max_draft,
+        "width": max(1, schedule.max_draft),
         "anneal": schedule.anneal,
         "confidence": schedule.confidence,
         "adaptive_width": schedule.adaptive_width,
+        "context_ngram": schedule.context_ngram,
+        "context_min_ngram": schedule.context_min_ngram,
+        "context_width": schedule.context_max_draft,
     }
     for i in skip_candidates(num_layers):
         params[f"attn_{i}"] = i in schedule.skip_attn
@@ -73,10 +93,14 @@ def seeds(num_layers: int) -> list[Schedule]:
     sets alone (skipping half of all sublayers agrees with the full model almost nowhere).
 
     They follow what tends to pay: a few attention sublayers skipped in the late-middle layers, or an exit
-    a little before the top, with a high confidence floor and a small width; plus the untuned default.
+    a little before the top, with a high confidence floor and a small width; context copies alone, and
+    beside a layer draft; plus the untuned default.
     """
     late = tuple(round(num_layers * f) for f in (0.6, 0.7, 0.8))
+    copies = {"context_ngram": 3, "context_min_ngram": 1, "context_max_draft": 8}
     return [
+        Schedule(max_draft=0, anneal=1.0, confidence=0.9, **copies),  # no layer draft: its settings are inert
+        Schedule(skip_attn=late, max_draft=2, anneal=1.0, confidence=0.9, **copies),
         Schedule(skip_attn=late, max_draft=2, anneal=1.0, confidence=0.9),
         Schedule(skip_attn=late[-1:], max_draft=1, anneal=1.0, confidence=0.95),
         Schedule(skip_mlp=late[1:], max_draft=3, anneal=1.0, confidence=0.9),

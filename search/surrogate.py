@@ -4,6 +4,8 @@ For each calibration text (a prompt and the model's own greedy continuation) the
 continuation position in one batched pass; its greedy token agrees with the full model's or not, with some
 annealed confidence. Replaying the decode loop's rounds over those positions (width bound, confidence
 floor, adaptive width) gives the accepted length per round, and the costs turn rounds into seconds.
+A context draft needs no pass at all: the text is the model's own greedy output, so what a copy proposes
+and how much of it the model keeps is known exactly; the replay runs the engine's own index and chooser.
 """
 
 import math
@@ -14,8 +16,8 @@ from transformers import PreTrainedModel
 
 from selfspec.adapter import adapter_for
 from selfspec.cache import PositionedCache
-from selfspec.drafting import LayerDrafter
-from selfspec.loop import Width
+from selfspec.drafting import SOURCE_CONTEXT, SOURCE_LAYER, SOURCE_PLAIN, LayerDrafter, SourceChooser, Width
+from selfspec.ngram import NgramIndex
 from selfspec.runner import Runner
 from selfspec.schedule import Schedule
 
@@ -44,14 +46,27 @@ class Scored:
 
 @dataclass(frozen=True)
 class Prediction:
-    agreement: float  # alpha: share of positions where the draft's greedy token is the full model's
-    draft_cost: float  # c: one draft token over one plain step
+    agreement: float  # alpha: share of positions where the layer draft's greedy token is the full model's
+    draft_cost: float  # c: one layer-draft token over one plain step
     accepted_length: float  # tokens emitted per verify pass
     speedup: float  # plain step time over predicted time per token
-    bound: float  # Leviathan et al.'s expected speedup for alpha, gamma = max_draft, c
+    bound: float  # Leviathan et al.'s expected speedup of the layer draft for alpha, gamma = max_draft, c
+    context_acceptance: float = 0.0  # share of copied proposals the model kept
+    context_share: float = 0.0  # share of emitted tokens that were kept copies
 
     def to_dict(self) -> dict:
         return {k: round(v, 4) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class Replay:
+    """What replaying the decode loop over the calibration texts gave."""
+
+    seconds: float = 0.0
+    rounds: int = 0
+    tokens: int = 0
+    context_drafted: int = 0
+    context_accepted: int = 0
 
 
 @torch.inference_mode()
@@ -92,27 +107,66 @@ def score(model: PreTrainedModel, texts: list[Text], schedule: Schedule) -> list
 
 
 def simulate(
-    scored: list[Scored], schedule: Schedule, costs: Costs, exact_depth: int, draft_step: float
-) -> tuple[float, int]:
-    """Replay the decode loop's rounds; returns (seconds, rounds) for all positions of all texts."""
-    seconds, rounds = 0.0, 0
-    for s in scored:
-        width = Width(schedule.max_draft, schedule.adaptive_width)
-        n, t = len(s.agree), 0
+    texts: list[Text],
+    scored: list[Scored] | None,
+    schedule: Schedule,
+    costs: Costs,
+    exact_depth: int,
+    draft_step: float,
+) -> Replay:
+    """Replay the decode loop's rounds over every continuation position of every text; `scored` is the layer
+    draft's teacher-forced scoring (None when the schedule has no layer draft)."""
+    replay = Replay()
+    for i, text in enumerate(texts):
+        tokens = text.tokens.tolist()
+        first, n = int(text.positions[0]), len(text.positions)
+        layer_width = Width(schedule.max_draft, schedule.adaptive_width)
+        context_width = Width(schedule.context_max_draft, adaptive=True)
+        index = NgramIndex(schedule.context_min_ngram, schedule.context_ngram) if schedule.context_ngram else None
+        if index is not None:
+            index.extend(tokens[: first + 1])
+        chooser, t = SourceChooser(), 0
         while t < n:
-            room = min(width.current, n - t - 1)
-            proposed, steps = 0, 0
-            while proposed < room:
-                steps += 1
-                if s.confidence[t + proposed] < schedule.confidence:
-                    break
-                proposed += 1
-            accepted = next((i for i in range(proposed) if not s.agree[t + i]), proposed)
-            seconds += _round_seconds(costs, proposed, steps, exact_depth, draft_step)
-            width.update(proposed, accepted)
-            rounds += 1
+            room = n - t - 1
+            copied = []
+            if index is not None and room and chooser.prefer_context():
+                copied = index.propose(min(context_width.current, room))
+            if copied:
+                truth = tokens[first + t + 1 : first + t + 1 + len(copied)]
+                accepted = next((j for j, (a, b) in enumerate(zip(copied, truth)) if a != b), len(copied))
+                seconds, source = costs.verify_pass(len(copied) + 1, 0), SOURCE_CONTEXT
+                context_width.update(len(copied), accepted)
+                replay.context_drafted += len(copied)
+                replay.context_accepted += accepted
+            elif scored is not None:
+                accepted, seconds = _layer_round(scored[i], t, min(layer_width.current, room), schedule, costs,
+                                                 exact_depth, draft_step, layer_width)  # fmt: skip
+                source = SOURCE_LAYER
+            else:
+                accepted, seconds, source = 0, costs.step, SOURCE_PLAIN
+            chooser.record(source, accepted + 1, seconds)
+            if index is not None:
+                index.extend(tokens[first + t + 1 : first + t + 2 + accepted])
+            replay.seconds += seconds
+            replay.rounds += 1
             t += accepted + 1
-    return seconds, rounds
+        replay.tokens += n
+    return replay
+
+
+def _layer_round(
+    s: Scored, t: int, room: int, schedule: Schedule, costs: Costs, exact_depth: int, draft_step: float, width: Width
+) -> tuple[int, float]:
+    """(accepted, seconds) of a layer-draft round starting at continuation position t."""
+    proposed, steps = 0, 0
+    while proposed < room:
+        steps += 1
+        if s.confidence[t + proposed] < schedule.confidence:
+            break
+        proposed += 1
+    accepted = next((i for i in range(proposed) if not s.agree[t + i]), proposed)
+    width.update(proposed, accepted)
+    return accepted, _round_seconds(costs, proposed, steps, exact_depth, draft_step)
 
 
 def _round_seconds(costs: Costs, proposed: int, steps: int, exact_depth: int, draft_step: float) -> float:
@@ -135,17 +189,21 @@ def leviathan_bound(alpha: float, gamma: int, c: float) -> float:
 def predict(model: PreTrainedModel, texts: list[Text], costs: Costs, schedule: Schedule) -> Prediction:
     if not schedule.drafting:
         return Prediction(0.0, 0.0, 1.0, 1.0, 1.0)
-    drafter = drafter_for(model, schedule)
-    draft_step = costs.draft_step(drafter.exits[-1], drafter.skip_attn, drafter.skip_mlp)
-    scored = score(model, texts, schedule)
-    seconds, rounds = simulate(scored, schedule, costs, drafter.exact_depth, draft_step)
-    tokens = sum(len(s.agree) for s in scored)
-    alpha = sum(sum(s.agree) for s in scored) / tokens
-    c = draft_step / costs.step
+    scored, alpha, c, draft_step, exact_depth = None, 0.0, 0.0, 0.0, 0
+    if schedule.max_draft > 0:
+        drafter = drafter_for(model, schedule)
+        draft_step = costs.draft_step(drafter.exits[-1], drafter.skip_attn, drafter.skip_mlp)
+        exact_depth = drafter.exact_depth
+        scored = score(model, texts, schedule)
+        alpha = sum(sum(s.agree) for s in scored) / sum(len(s.agree) for s in scored)
+        c = draft_step / costs.step
+    replay = simulate(texts, scored, schedule, costs, exact_depth, draft_step)
     return Prediction(
         agreement=alpha,
         draft_cost=c,
-        accepted_length=tokens / rounds,
-        speedup=tokens * costs.step / seconds,
-        bound=leviathan_bound(alpha, schedule.max_draft, c),
+        accepted_length=replay.tokens / replay.rounds,
+        speedup=replay.tokens * costs.step / replay.seconds,
+        bound=leviathan_bound(alpha, schedule.max_draft, c) if schedule.max_draft else 1.0,
+        context_acceptance=replay.context_accepted / replay.context_drafted if replay.context_drafted else 0.0,
+        context_share=replay.context_accepted / replay.tokens,
     )

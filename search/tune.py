@@ -152,7 +152,7 @@ def calibrate(
     continuations = [Continuation(torch.tensor(t), n) for t, n in study.user_attrs["calibration"]]
     if "costs" not in study.user_attrs:
         reporter.stage("timing the model's parts on this device")
-        costs = measure_costs(model, max_tokens=space.MAX_WIDTH + 1, repeats=config.cost_repeats)
+        costs = measure_costs(model, max_tokens=space.MAX_VERIFY_TOKENS, repeats=config.cost_repeats)
         _claim(study, "costs", costs.to_dict())
     reporter.stage("teacher-forced passes over the calibration texts")
     return prepare(model, continuations), Costs.from_dict(study.user_attrs["costs"])
@@ -222,22 +222,24 @@ def best_predicted(study: optuna.Study) -> float | None:
 def pick_finalists(study: optuna.Study, count: int) -> list[optuna.trial.FrozenTrial]:
     """The `count` best drafts by predicted speedup, Pareto-optimal ones first, one per draft structure.
 
-    One per structure (skipped sublayers and exit), because the surrogate's floor and width choices replay
-    the real loop closely, while how a structure's costs and agreement carry over to unseen prompts is
-    what it can get wrong: distinct structures give the timed comparison more to find.
+    One per structure (skipped sublayers and exit, and which sources draft), because the surrogate's floor
+    and width choices replay the real loop closely, while how a structure's costs and agreement carry over
+    to unseen prompts is what it can get wrong: distinct structures give the timed comparison more to find.
     Drafts that cannot win whatever the cost model's error are left out: one whose tokens almost never
     land (a round then costs a draft step plus a verify pass for one token, more than a plain step), and
-    one that runs the whole model (each draft token costs a full step: at best it ties the plain loop).
+    a layer draft that runs the whole model (each draft token costs a full step: at best it ties the plain
+    loop).
     """
     front = {t.number for t in study.best_trials}
     ranked = sorted(completed(study), key=lambda t: (t.number not in front, -t.values[0]))
     picked, seen = [], set()
     for trial in ranked:
         s = Schedule.from_dict(trial.user_attrs["schedule"])
-        structure = (s.skip_attn, s.skip_mlp, s.exit_layer)
+        structure = (s.skip_attn, s.skip_mlp, s.exit_layer, s.max_draft > 0, s.context_ngram > 0)
         shallower = s.skip_attn or s.skip_mlp or s.exit_layer is not None
+        useful = s.drafting and (s.max_draft == 0 or shallower)
         lands = trial.user_attrs["prediction"]["accepted_length"] >= MIN_ACCEPTED_LENGTH
-        if shallower and lands and structure not in seen:
+        if useful and lands and structure not in seen:
             seen.add(structure)
             picked.append(trial)
     return picked[:count]
@@ -310,6 +312,7 @@ def _chosen_meta(chosen: Measurement | None, plain: Measurement) -> dict:
         "mean_accepted_length": round(run.stats.mean_accepted_length, 3),
         "alpha": predicted.get("agreement"),
         "c": predicted.get("draft_cost"),
+        "context_share": predicted.get("context_share"),
         "predicted_bound": predicted.get("bound"),
         "predicted_speedup": predicted.get("speedup"),
     }

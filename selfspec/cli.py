@@ -12,7 +12,10 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
+from selfspec.cli_options import trust_remote_code_option
 from selfspec.errors import SelfspecError
+from selfspec.schedule import Schedule
+from selfspec.wrap import wrap
 from selfspec.zoo import list_models, load_model, parse_dtype
 
 
@@ -86,12 +89,14 @@ def _generate(
     input_ids: torch.Tensor,
     max_new_tokens: int,
     streamer: TextStreamer | None,
-    schedule_path: Path | None,
+    schedule: Schedule,
 ) -> torch.Tensor:
-    """Greedy generation; returns prompt + new tokens [1, T + N]. The engine plugs in here."""
-    if schedule_path is not None:
-        raise SelfspecError("--schedule is not available yet: this build decodes with plain model.generate")
-    return model.generate(
+    """Greedy generation through the engine; returns prompt + new tokens [1, T + N].
+
+    Without a schedule the engine runs drafting off (its plain loop): on small models that is the safe choice
+    until `selfspec tune` has shown a draft that pays.
+    """
+    return wrap(model, schedule).generate(
         input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=max_new_tokens,
@@ -117,6 +122,7 @@ def _generate(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Draft schedule JSON from `selfspec tune`.",
 )
+@trust_remote_code_option
 @click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's choice).")
 def generate(
     model: str,
@@ -126,15 +132,29 @@ def generate(
     stream: bool,
     schedule_path: Path | None,
     threads: int | None,
+    trust_remote_code: bool,
 ) -> None:
     """Generate a reply to PROMPT with MODEL (a zoo name, a model directory or a hub id)."""
     parse_dtype(dtype)  # fail before a possibly long model load
+    schedule = Schedule.from_file(schedule_path) if schedule_path is not None else Schedule.plain()
     if threads is not None:
         torch.set_num_threads(threads)
-    lm, tokenizer = load_model(model, dtype)
+    lm, tokenizer = load_model(model, dtype, trust_remote_code=trust_remote_code)
     input_ids = _encode(tokenizer, prompt)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     with torch.inference_mode():
-        output = _generate(lm, tokenizer, input_ids, max_new_tokens, streamer, schedule_path)
+        output = _generate(lm, tokenizer, input_ids, max_new_tokens, streamer, schedule)
     if not stream:  # the streamer has already printed everything, newline included
         click.echo(tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip())
+
+
+def _register_commands() -> None:
+    from .evals.command import eval_command
+    from .search.command import calibrate_command, tune_command
+
+    main.add_command(tune_command)
+    main.add_command(calibrate_command)
+    main.add_command(eval_command)
+
+
+_register_commands()

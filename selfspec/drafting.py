@@ -1,5 +1,7 @@
 """Drafting policies, one class each behind one interface: given the pending token, propose what follows.
 
+Interface: `begin(prompt)` once per sequence, `draft(pending, position, room, sampler, eos) -> Draft` each
+round (at most `room` proposals), then `record(draft, emitted, kept, seconds)` with the round's outcome.
 A `Draft` carries the proposals and the hidden states the verify pass starts from, so whatever the draft
 already computed exactly (its layers before the first skipped sublayer or exit) is never computed again.
 """
@@ -8,12 +10,16 @@ from dataclasses import dataclass
 
 import torch
 
+from .ngram import NgramIndex
 from .runner import Runner
 from .sampling import Sampler
 from .schedule import Schedule
 
 # Why a round stopped drafting.
 STOP_WIDTH, STOP_CONFIDENCE, STOP_DEPTH, STOP_EOS, STOP_NONE = "width", "confidence", "depth", "eos", "no_draft"
+STOP_CONTEXT_END = "context_end"  # the copied span ran out before the width bound
+# Where a round's proposals came from.
+SOURCE_PLAIN, SOURCE_LAYER, SOURCE_CONTEXT = "plain", "layer", "context"
 
 
 @dataclass
@@ -24,6 +30,21 @@ class Draft:
     verify_start: int
     stop_reason: str
     draft_probs: torch.Tensor | None = None  # [len(proposals), V] when sampling
+    source: str = SOURCE_PLAIN
+
+
+class Width:
+    """Tokens to draft next round: fixed, or grown after full acceptance and shrunk after a miss."""
+
+    def __init__(self, bound: int, adaptive: bool):
+        self.bound, self.adaptive = bound, adaptive
+        self.current = bound
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if not self.adaptive or drafted == 0:
+            return
+        step = 2 if accepted == drafted else -1
+        self.current = max(1, min(self.bound, self.current + step))
 
 
 class PlainDrafter:
@@ -32,8 +53,14 @@ class PlainDrafter:
     def __init__(self, runner: Runner):
         self.runner = runner
 
-    def draft(self, pending: int, position: int, width: int, sampler: Sampler, eos: set[int]) -> Draft:
+    def begin(self, prompt: list[int]) -> None:
+        pass
+
+    def draft(self, pending: int, position: int, room: int, sampler: Sampler, eos: set[int]) -> Draft:
         return Draft([], [pending], self.runner.embed([pending]), 0, STOP_NONE)
+
+    def record(self, draft: Draft, emitted: list[int], kept: int, seconds: float) -> None:
+        pass
 
 
 class LayerDrafter:
@@ -59,13 +86,21 @@ class LayerDrafter:
         self.exact_depth = min(first_skip, self.exits[-1])
         self.checkpoints = sorted({e for e in self.exits if e < self.exact_depth} | {self.exact_depth})
         self.temperatures = {e: self._temperature(e) for e in self.exits}
+        self.width = Width(schedule.max_draft, schedule.adaptive_width)
+
+    def begin(self, prompt: list[int]) -> None:
+        pass
+
+    def record(self, draft: Draft, emitted: list[int], kept: int, seconds: float) -> None:
+        self.width.update(len(draft.proposals), kept)
 
     def _temperature(self, exit_layer: int) -> float:
         skipped_sublayers = sum(i < exit_layer for i in self.skip_attn) + sum(i < exit_layer for i in self.skip_mlp)
         effective_depth = exit_layer - skipped_sublayers / 2
         return 1.0 + self.schedule.anneal * (1.0 - effective_depth / self.num_layers)
 
-    def draft(self, pending: int, position: int, width: int, sampler: Sampler, eos: set[int]) -> Draft:
+    def draft(self, pending: int, position: int, room: int, sampler: Sampler, eos: set[int]) -> Draft:
+        width = min(self.width.current, room)
         inputs, proposals, saved, reached, probs = [pending], [], [], [], []
         reason = STOP_WIDTH
         while len(proposals) < width:
@@ -90,7 +125,7 @@ class LayerDrafter:
             span = self.runner.span(h, position + len(inputs) - 1)
             states.append(self.runner.layers(h, span, 0, verify_start))
         draft_probs = torch.stack(probs) if sampler.do_sample and probs else None
-        return Draft(proposals, inputs, torch.cat(states, dim=1), verify_start, reason, draft_probs)
+        return Draft(proposals, inputs, torch.cat(states, dim=1), verify_start, reason, draft_probs, SOURCE_LAYER)
 
     def _step(self, token: int, position: int, sampler: Sampler):
         """One draft token: run to the first exit where it is confident (or the last allowed exit)."""
@@ -117,3 +152,125 @@ class LayerDrafter:
                 depth = min(boundary, self.exact_depth)
                 return choice, confident, q, depth_states, depth
         raise AssertionError("unreachable: the last exit always returns")
+
+
+class ContextDrafter:
+    """Copies what followed the latest earlier occurrence of the sequence's tail n-gram: a draft that runs no
+    layer at all, so its only cost is the wider verify pass. The index sees every emitted token, whichever
+    source drafted it; the width adapts to how far recent copies were right.
+    """
+
+    def __init__(self, runner: Runner, schedule: Schedule):
+        self.runner = runner
+        self.schedule = schedule
+        self.index = NgramIndex(schedule.context_min_ngram, schedule.context_ngram)
+        self.width = Width(schedule.context_max_draft, adaptive=True)
+
+    def begin(self, prompt: list[int]) -> None:
+        self.index = NgramIndex(self.schedule.context_min_ngram, self.schedule.context_ngram)
+        self.index.extend(prompt)
+
+    def draft(self, pending: int, position: int, room: int, sampler: Sampler, eos: set[int]) -> Draft | None:
+        """The copied proposals, or None when the tail has no earlier occurrence."""
+        width = min(self.width.current, room)
+        proposals = self.index.propose(width)
+        if not proposals:
+            return None
+        reason = STOP_WIDTH if len(proposals) == width else STOP_CONTEXT_END
+        ends = [i for i, token in enumerate(proposals) if token in eos]
+        if ends:
+            proposals, reason = proposals[: ends[0] + 1], STOP_EOS
+        inputs = [pending, *proposals]  # the last proposal is fed too: a fully kept copy still gains a bonus
+        draft_probs = None
+        if sampler.do_sample:
+            # A copy is deterministic: q is one-hot, so speculative sampling keeps token x with probability p(x).
+            vocab = self.runner.adapter.lm_head.weight.shape[0]
+            rows = torch.tensor(proposals, device=self.runner.cache_device)[:, None]
+            draft_probs = torch.zeros(len(proposals), vocab, device=rows.device).scatter_(1, rows, 1.0)
+        return Draft(proposals, inputs, self.runner.embed(inputs), 0, reason, draft_probs, SOURCE_CONTEXT)
+
+    def record(self, draft: Draft, emitted: list[int], kept: int, seconds: float) -> None:
+        if draft.source == SOURCE_CONTEXT:
+            self.width.update(len(draft.proposals), kept)
+        self.index.extend(emitted)
+
+
+class RoundRate:
+    """Moving averages of one draft source's tokens emitted per round and seconds per round."""
+
+    SMOOTHING = 0.25
+
+    def __init__(self) -> None:
+        self.tokens: float | None = None
+        self.seconds: float | None = None
+
+    def add(self, tokens: int, seconds: float) -> None:
+        if self.tokens is None or self.seconds is None:
+            self.tokens, self.seconds = float(tokens), seconds
+            return
+        self.tokens += self.SMOOTHING * (tokens - self.tokens)
+        self.seconds += self.SMOOTHING * (seconds - self.seconds)
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return self.tokens / self.seconds if self.tokens is not None and self.seconds else None
+
+
+class SourceChooser:
+    """Whether this round should copy from the context: yes while context rounds have lately emitted tokens
+    at least as fast as the fallback's rounds (measured), or before either has a measurement. A context
+    source that fell behind is tried again every RETRY rounds, since what the text repeats changes.
+    """
+
+    RETRY = 8
+
+    def __init__(self) -> None:
+        self.context, self.fallback = RoundRate(), RoundRate()
+        self.passed_over = 0
+
+    def prefer_context(self) -> bool:
+        mine, theirs = self.context.tokens_per_second, self.fallback.tokens_per_second
+        if mine is None or theirs is None or mine >= theirs:
+            return True
+        self.passed_over += 1
+        if self.passed_over >= self.RETRY:
+            self.passed_over = 0
+            return True
+        return False
+
+    def record(self, source: str, tokens: int, seconds: float) -> None:
+        (self.context if source == SOURCE_CONTEXT else self.fallback).add(tokens, seconds)
+
+
+class HybridDrafter:
+    """Per round, the draft expected to emit tokens fastest: the context copy when the tail recurs and copies
+    have lately paid, else the fallback (the schedule's layer draft, or a plain step when it has none)."""
+
+    def __init__(self, runner: Runner, schedule: Schedule, fallback: "LayerDrafter | PlainDrafter"):
+        self.context = ContextDrafter(runner, schedule)
+        self.fallback = fallback
+        self.chooser = SourceChooser()
+
+    def begin(self, prompt: list[int]) -> None:
+        self.context.begin(prompt)
+        self.fallback.begin(prompt)
+        self.chooser = SourceChooser()
+
+    def draft(self, pending: int, position: int, room: int, sampler: Sampler, eos: set[int]) -> Draft:
+        if self.chooser.prefer_context():
+            copied = self.context.draft(pending, position, room, sampler, eos)
+            if copied is not None:
+                return copied
+        return self.fallback.draft(pending, position, room, sampler, eos)
+
+    def record(self, draft: Draft, emitted: list[int], kept: int, seconds: float) -> None:
+        self.chooser.record(draft.source, len(emitted), seconds)
+        self.context.record(draft, emitted, kept, seconds)
+        if draft.source != SOURCE_CONTEXT:
+            self.fallback.record(draft, emitted, kept, seconds)
+
+
+def drafter_for(runner: Runner, schedule: Schedule) -> "HybridDrafter | LayerDrafter | PlainDrafter":
+    """The drafting policy a schedule describes."""
+    fallback = LayerDrafter(runner, schedule) if schedule.max_draft > 0 else PlainDrafter(runner)
+    return HybridDrafter(runner, schedule, fallback) if schedule.context_ngram > 0 else fallback

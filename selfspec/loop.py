@@ -6,13 +6,15 @@ the last emitted token, sits at `position` and has not been fed yet.
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-from .drafting import Draft, PlainDrafter
+from .drafting import Draft, HybridDrafter, LayerDrafter, PlainDrafter
 from .runner import Runner
 from .sampling import Sampler
 from .verify import accept_greedy, accept_sampled
+
+SOURCE_COUNTERS = ("stop_reasons", "accepted_lengths", "rounds_by_source", "drafted_by_source", "accepted_by_source")
 
 
 @dataclass
@@ -26,6 +28,9 @@ class GenerationStats:
     seconds: float = 0.0
     stop_reasons: Counter = field(default_factory=Counter)
     accepted_lengths: Counter = field(default_factory=Counter)
+    rounds_by_source: Counter = field(default_factory=Counter)
+    drafted_by_source: Counter = field(default_factory=Counter)
+    accepted_by_source: Counter = field(default_factory=Counter)
 
     @property
     def mean_accepted_length(self) -> float:
@@ -42,8 +47,8 @@ class GenerationStats:
     def merge(self, other: "GenerationStats") -> None:
         for name in ("rounds", "drafted", "accepted", "new_tokens", "seconds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.stop_reasons.update(other.stop_reasons)
-        self.accepted_lengths.update(other.accepted_lengths)
+        for name in SOURCE_COUNTERS:
+            getattr(self, name).update(getattr(other, name))
 
     def as_dict(self) -> dict:
         return {
@@ -56,32 +61,20 @@ class GenerationStats:
             "acceptance_rate": round(self.acceptance_rate, 3),
             "tokens_per_second": round(self.tokens_per_second, 2),
             "stop_reasons": dict(self.stop_reasons),
+            "rounds_by_source": dict(self.rounds_by_source),
+            "drafted_by_source": dict(self.drafted_by_source),
+            "accepted_by_source": dict(self.accepted_by_source),
         }
-
-
-class Width:
-    """Tokens to draft next round: fixed, or grown after full acceptance and shrunk after a miss."""
-
-    def __init__(self, bound: int, adaptive: bool):
-        self.bound, self.adaptive = bound, adaptive
-        self.current = bound
-
-    def update(self, drafted: int, accepted: int) -> None:
-        if not self.adaptive or drafted == 0:
-            return
-        step = 2 if accepted == drafted else -1
-        self.current = max(1, min(self.bound, self.current + step))
 
 
 def decode(
     runner: Runner,
-    drafter,
+    drafter: HybridDrafter | LayerDrafter | PlainDrafter,
     prompt: list[int],
     max_new_tokens: int,
     sampler: Sampler,
     eos: set[int],
     emit: Callable[[int], bool],
-    width: Width,
 ) -> GenerationStats:
     """Generate up to max_new_tokens after `prompt`; `emit(token)` receives each token, returns True to stop."""
     stats = GenerationStats()
@@ -91,12 +84,13 @@ def decode(
     if len(prompt) > 1:
         h = runner.embed(prompt[:-1])
         runner.layers(h, runner.span(h, 0), 0, num_layers)  # prefill: fills the cache, no logits needed
+    drafter.begin(prompt)
     position, pending = len(prompt) - 1, prompt[-1]
     produced = 0
     while produced < max_new_tokens:
-        room = min(width.current, max_new_tokens - produced - 1)
-        source = drafter if room > 0 else plain
-        draft: Draft = source.draft(pending, position, room, sampler, eos)
+        round_started = time.perf_counter()
+        room = max_new_tokens - produced - 1
+        draft: Draft = (drafter if room > 0 else plain).draft(pending, position, room, sampler, eos)
         span = runner.span(draft.states, position)
         h = runner.layers(draft.states, span, draft.verify_start, num_layers)
         logits = runner.logits(h)[0]  # [len(inputs), V]
@@ -106,7 +100,9 @@ def decode(
             kept, extra = accept_greedy(draft.proposals, logits)
         new = draft.proposals[:kept] + ([extra] if extra is not None else [])
         _count_round(stats, draft, kept, len(new))
-        width.update(len(draft.proposals), kept)
+        # The round's wall time is what a hybrid drafter weighs its sources by; the acceptance above has
+        # already synchronised with the device, so reading the clock here costs nothing more.
+        drafter.record(draft, new, kept, time.perf_counter() - round_started)
         position, pending = position + len(new), new[-1]
         for token in new:
             produced += 1
@@ -125,3 +121,6 @@ def _count_round(stats: GenerationStats, draft: Draft, kept: int, emitted: int) 
     stats.accepted += kept
     stats.stop_reasons[draft.stop_reason] += 1
     stats.accepted_lengths[emitted] += 1
+    stats.rounds_by_source[draft.source] += 1
+    stats.drafted_by_source[draft.source] += len(draft.proposals)
+    stats.accepted_by_source[draft.source] += kept

@@ -6,14 +6,15 @@ A schedule is plain data, stored as versioned JSON (never pickle) and validated 
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import ScheduleError
+from .files import write_json_atomic
 
 FORMAT = "selfspec.schedule/1"
+MAX_NGRAM = 8
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,12 @@ class Schedule:
     confidence: the round stops as soon as a draft token's annealed probability is below this floor.
     max_depth: depth bound for dynamic exit; a token that would need a deeper exit ends the round.
     adaptive_width: grow the width after fully accepted rounds, shrink it after a rejection.
+    context_ngram: longest tail n-gram a context draft looks up in the prompt and the text so far, copying
+        what followed it (0: context drafts off). With it on, each round takes the context copy when the tail
+        recurs and copies have lately emitted tokens fastest, else the layer draft above (or a plain step
+        when max_draft is 0).
+    context_min_ngram: shortest tail n-gram the context draft accepts as a match.
+    context_max_draft: width bound of a context draft (its width adapts below it).
     """
 
     skip_attn: tuple[int, ...] = ()
@@ -41,6 +48,9 @@ class Schedule:
     confidence: float = 0.0
     max_depth: int | None = None
     adaptive_width: bool = False
+    context_ngram: int = 0
+    context_min_ngram: int = 1
+    context_max_draft: int = 10
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -49,7 +59,10 @@ class Schedule:
             if not isinstance(value, (tuple, list)) or not all(_is_int(v) for v in value):
                 raise ScheduleError(f"schedule field {name} must be a list of layer indices, got {value!r}")
             object.__setattr__(self, name, tuple(sorted(set(value))))
-        _check(_is_int(self.max_draft) and self.max_draft >= 0, f"max_draft must be an integer >= 0, got {self.max_draft!r}")
+        _check(
+            _is_int(self.max_draft) and self.max_draft >= 0,
+            f"max_draft must be an integer >= 0, got {self.max_draft!r}",
+        )
         _check(self.max_draft <= 64, f"max_draft must be <= 64, got {self.max_draft}")
         _check(_is_number(self.anneal) and self.anneal >= 0, f"anneal must be a number >= 0, got {self.anneal!r}")
         _check(
@@ -58,8 +71,25 @@ class Schedule:
         )
         for name in ("exit_layer", "max_depth"):
             value = getattr(self, name)
-            _check(value is None or (_is_int(value) and value >= 1), f"{name} must be None or an integer >= 1, got {value!r}")
-        _check(isinstance(self.adaptive_width, bool), f"adaptive_width must be true or false, got {self.adaptive_width!r}")
+            _check(
+                value is None or (_is_int(value) and value >= 1),
+                f"{name} must be None or an integer >= 1, got {value!r}",
+            )
+        _check(
+            isinstance(self.adaptive_width, bool), f"adaptive_width must be true or false, got {self.adaptive_width!r}"
+        )
+        _check(
+            _is_int(self.context_ngram) and 0 <= self.context_ngram <= MAX_NGRAM,
+            f"context_ngram must be an integer in [0, {MAX_NGRAM}], got {self.context_ngram!r}",
+        )
+        _check(
+            _is_int(self.context_min_ngram) and 1 <= self.context_min_ngram <= max(1, self.context_ngram),
+            f"context_min_ngram must be an integer in [1, context_ngram], got {self.context_min_ngram!r}",
+        )
+        _check(
+            _is_int(self.context_max_draft) and 1 <= self.context_max_draft <= 64,
+            f"context_max_draft must be an integer in [1, 64], got {self.context_max_draft!r}",
+        )
 
     @classmethod
     def plain(cls) -> "Schedule":
@@ -68,7 +98,7 @@ class Schedule:
 
     @property
     def drafting(self) -> bool:
-        return self.max_draft > 0
+        return self.max_draft > 0 or self.context_ngram > 0
 
     def exits(self, num_layers: int) -> tuple[int, ...]:
         """Candidate exit layers, shallowest first; the last one is where every draft token must stop."""
@@ -80,7 +110,10 @@ class Schedule:
         """Raise ScheduleError unless every index fits a model with `num_layers` layers."""
         for name in ("skip_attn", "skip_mlp"):
             bad = [i for i in getattr(self, name) if not 0 <= i < num_layers]
-            _check(not bad, f"{name} has layer indices {bad} outside [0, {num_layers - 1}] for this {num_layers}-layer model")
+            _check(
+                not bad,
+                f"{name} has layer indices {bad} outside [0, {num_layers - 1}] for this {num_layers}-layer model",
+            )
         bad = [e for e in self.exits(num_layers) if not 1 <= e <= num_layers]
         _check(not bad, f"exit layers {bad} are outside [1, {num_layers}] for this {num_layers}-layer model")
         if self.max_depth is not None:
@@ -132,20 +165,6 @@ class Schedule:
 
     def with_meta(self, **meta: Any) -> "Schedule":
         return replace(self, meta={**self.meta, **meta})
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temp file and a rename, so a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _is_int(value: Any) -> bool:

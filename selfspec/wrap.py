@@ -13,10 +13,10 @@ from transformers import GenerationConfig, PreTrainedModel, StoppingCriteriaList
 
 from .adapter import adapter_for
 from .cache import PositionedCache
-from .drafting import LayerDrafter, PlainDrafter
+from .drafting import drafter_for
 from .errors import GenerationInputError, ScheduleError
 from .fingerprint import model_fingerprint
-from .loop import GenerationStats, Width, decode
+from .loop import GenerationStats, decode
 from .runner import Runner
 from .sampling import Sampler
 from .schedule import Schedule
@@ -106,11 +106,10 @@ class SpeculativeModel:
 
     def _decode_one(self, prompt: list[int], max_new: int, sampler: Sampler, eos: set[int], emit) -> GenerationStats:
         schedule = self.schedule
-        cache = PositionedCache(self._adapter.num_layers, len(prompt) + max_new + schedule.max_draft + 1)
+        # a round never writes past the last position generated, so the prompt plus max_new always suffices
+        cache = PositionedCache(self._adapter.num_layers, len(prompt) + max_new)
         runner = Runner(self._adapter, cache)
-        drafter = LayerDrafter(runner, schedule) if schedule.drafting else PlainDrafter(runner)
-        width = Width(schedule.max_draft, schedule.adaptive_width)
-        return decode(runner, drafter, prompt, max_new, sampler, eos, emit, width)
+        return decode(runner, drafter_for(runner, schedule), prompt, max_new, sampler, eos, emit)
 
     def _config(self, kwargs: dict[str, Any]) -> GenerationConfig:
         config = kwargs.pop("generation_config", None)
@@ -180,14 +179,18 @@ def _prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> li
     if attention_mask is None:
         return input_ids.tolist()
     if attention_mask.shape != input_ids.shape:
-        raise GenerationInputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        raise GenerationInputError(
+            f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+        )
     prompts = []
     for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
         real = sum(mask)
         if real == 0:
             raise GenerationInputError("a row of attention_mask is all zeros: that prompt is empty")
         if mask != [0] * (len(mask) - real) + [1] * real:
-            raise GenerationInputError("attention_mask must be left padding (zeros, then ones); set tokenizer.padding_side='left'")
+            raise GenerationInputError(
+                "attention_mask must be left padding (zeros, then ones); set tokenizer.padding_side='left'"
+            )
         prompts.append(ids[len(mask) - real :])
     return prompts
 

@@ -446,10 +446,16 @@ def ensure_cached(entry: ZooEntry) -> Path:
     dest = cache_root() / entry.name
     if _entry_ok(dest):
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(dest.parent / f".{entry.name}.lock"):
-        if not _entry_ok(dest):  # another process may have built it while we waited
-            _build(entry, dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with _lock(dest.parent / f".{entry.name}.lock"):
+            if not _entry_ok(dest):  # another process may have built it while we waited
+                _build(entry, dest)
+    except OSError as e:  # read-only or full: the partial build is already cleaned up
+        raise SelfspecError(
+            f"cannot write the model cache {dest.parent}: {e.strerror or e}; "
+            "set SELFSPEC_CACHE to a writable folder with room for the model"
+        ) from None
     return dest
 
 
@@ -506,6 +512,11 @@ def load_model(
             hint = "" if isinstance(source, Path) else f" (zoo names: {', '.join(ZOO)})"
             raise ModelNotFoundError(f"cannot load {name_or_path!r}{hint}: {_first_line(e)}") from e
         except ValueError as e:
+            if "custom code" in str(e) or "trust_remote_code" in str(e):
+                raise UnsupportedModelError(
+                    f"{name_or_path!r} ships its own modelling code, which selfspec never runs by default; "
+                    "pass --trust-remote-code (trust_remote_code=True) only for a model you trust"
+                ) from None
             raise UnsupportedModelError(f"cannot load {name_or_path!r}: {_first_line(e)}") from e
     model.eval()
     return model, tokenizer

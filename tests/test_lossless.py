@@ -43,15 +43,18 @@ def schedules(num_layers: int):
         skip_mlp=st.lists(layer, max_size=4).map(tuple),
         exit_layer=st.one_of(st.none(), st.integers(1, num_layers)),
         exit_layers=st.lists(st.integers(1, num_layers), max_size=3).map(tuple),
-        max_draft=st.integers(1, 8),
+        max_draft=st.integers(0, 8),
         anneal=st.sampled_from([0.0, 0.5, 2.0]),
         confidence=st.sampled_from([0.0, 0.2, 0.5, 0.8]),
         max_depth=st.one_of(st.none(), st.just(num_layers)),
         adaptive_width=st.booleans(),
+        context_ngram=st.sampled_from([0, 0, 1, 2, 4]),  # context copies beside the layer draft, or instead
+        context_min_ngram=st.just(1),
+        context_max_draft=st.integers(1, 12),
     )
 
 
-@settings(max_examples=18, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=24, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(schedule=schedules(30), kind=st.sampled_from(sorted(PROMPTS)))
 def test_random_schedules_match_generate_smollm2(smollm2_fp32, schedule, kind):
     model, tokenizer = smollm2_fp32

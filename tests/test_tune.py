@@ -12,7 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from selfspec.search import command
-from selfspec.search.command import tune_command
+from selfspec.search.anneal import expected_calibration_error, fit_anneal
+from selfspec.search.command import calibrate_command, tune_command
 from selfspec.search.costs import measure_costs
 from selfspec.search.prompts import BUILTIN, read_prompts, split
 from selfspec.search.surrogate import leviathan_bound, predict, prepare, score
@@ -166,3 +167,36 @@ def test_a_study_refuses_another_objective(tmp_path):
     open_study(TuneConfig(tmp_path / "x.json", storage, "x"))
     with pytest.raises(SelfspecError, match="objective"):
         open_study(TuneConfig(tmp_path / "x.json", storage, "x", objective="speed+acceptance"))
+
+
+def test_expected_calibration_error():
+    agree = torch.tensor([True, False] * 50)
+    assert expected_calibration_error(torch.full((100,), 0.5), agree) == pytest.approx(0.0)
+    assert expected_calibration_error(torch.full((100,), 0.95), agree) == pytest.approx(0.45, abs=1e-6)
+    sure = torch.tensor([0.9] * 10 + [0.15] * 10)
+    right = torch.tensor([True] * 9 + [False] + [False] * 8 + [True] * 2)
+    assert expected_calibration_error(sure, right) == pytest.approx(0.5 * 0.0 + 0.5 * 0.05, abs=1e-6)
+
+
+def test_fitted_anneal_lowers_the_calibration_error(smollm2_fp32, calibrated):
+    model, _ = smollm2_fp32
+    texts, _ = calibrated
+    schedule = selfspec.Schedule(exit_layers=(12, 18), max_draft=3, anneal=0.0, confidence=0.5)
+    result = fit_anneal(model, texts, schedule)
+    print(f"ECE at a=0: {result.ece_before:.4f}; fitted a={result.anneal:.2f}: {result.ece:.4f}")
+    assert result.positions == 2 * sum(len(t.positions) for t in texts)  # both exits pooled
+    assert result.ece <= result.ece_before and 0.0 <= result.anneal <= 4.0
+
+
+def test_calibrate_command_writes_the_fitted_schedule(smollm2_fp32, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    source = tmp_path / "s.json"
+    selfspec.Schedule(exit_layer=20, max_draft=3, anneal=0.0, confidence=0.6).to_file(source)
+    args = ["smollm2-135m", "--schedule", str(source), "--prompts", str(prompts), "--tokens", "8"]
+    result = CliRunner().invoke(calibrate_command, [*args, "--dtype", "float32", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "ECE" in result.output and "fitted" in result.output
+    fitted = selfspec.Schedule.from_file(tmp_path / "s.calibrated.json")
+    calibration = fitted.meta["calibration"]
+    assert fitted.anneal == calibration["anneal"] and calibration["ece"] <= calibration["ece_before"]
+    assert fitted.exit_layer == 20 and fitted.confidence == 0.6

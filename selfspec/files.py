@@ -1,0 +1,40 @@
+"""Output files: checked writable before long work starts, and written atomically so a crash or a full disk
+never leaves half a file where a good one was."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import SelfspecError
+
+
+def ensure_writable(path: Path, hint: str = "choose another --out") -> None:
+    """Raise SelfspecError unless a file can be created at `path` (its folder is made if missing)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a folder")
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise SelfspecError(f"cannot write {path}: {e.strerror or e}; {hint}") from None
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temp file and a rename, so a crash never leaves a half-written file."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise SelfspecError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
