@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import PreTrainedTokenizerBase
 
 from selfspec import Schedule
-from selfspec.cli_options import trust_remote_code_option
+from selfspec.cli_options import table_console, trust_remote_code_option
 from selfspec.files import ensure_writable
 from selfspec.zoo import load_model, parse_dtype
 
@@ -29,13 +29,6 @@ def _csv(value: str | None) -> list[str] | None:
 def _prompts(path: Path | None, categories: str | None, limit: int | None) -> list[Prompt]:
     prompts = longform_prompts() if path is None else load_prompts(path)
     return select(prompts, _csv(categories), limit)
-
-
-def _stdout() -> Console:
-    console = Console()
-    if not console.is_terminal:
-        console.width = 140  # a log or pipe has no width to fit, and rich's 80 columns would squeeze the table
-    return console
 
 
 def _run(
@@ -72,7 +65,7 @@ def _compare(model: str | None, paths: tuple[Path, Path]) -> None:
     if model is not None:
         raise click.UsageError("--compare reads two saved reports: give no MODEL")
     reports = [rep.load_report(path) for path in paths]
-    rep.print_comparison(*reports, [str(path) for path in paths], _stdout())
+    rep.print_comparison(*reports, [str(path) for path in paths], table_console())
 
 
 @click.command("eval")
@@ -172,7 +165,7 @@ def eval_command(
     meta = rep.run_meta(model, lm, methods, settings, prompts=source, categories=categories_run, limit=limit)
     runs, interrupted = _run(methods, tokenizer, prompts, settings, lm.device)
     report = rep.build_report([rep.prompt_record(run) for run in runs], meta, partial=interrupted)
-    console = _stdout()
+    console = table_console()
     rep.print_report(report, console)
     for path in rep.save(report, out_dir):
         console.print(f"wrote {path}")

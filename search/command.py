@@ -8,11 +8,10 @@ from pathlib import Path
 import click
 import optuna
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from selfspec.cli_options import trust_remote_code_option
+from selfspec.cli_options import table_console, trust_remote_code_option
 from selfspec.errors import SelfspecError
 from selfspec.files import ensure_writable
 from selfspec.schedule import Schedule
@@ -241,7 +240,7 @@ def tune_command(
     if threads is not None:
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    console = Console()
+    console = table_console()
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -319,7 +318,7 @@ def calibrate_command(
     ensure_writable(out)
     if threads is not None:
         torch.set_num_threads(threads)
-    console = Console()
+    console = table_console()
     with console.status(f"loading {model} ({dtype_name})") as status:
         lm, tokenizer = load_model(model, dtype_name, trust_remote_code=trust_remote_code)
         wrap(lm, schedule)  # refuses a schedule made for another model

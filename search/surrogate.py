@@ -121,7 +121,6 @@ def simulate(
         tokens = text.tokens.tolist()
         first, n = int(text.positions[0]), len(text.positions)
         layer_width = Width(schedule.max_draft, schedule.adaptive_width)
-        context_width = Width(schedule.context_max_draft, adaptive=True)
         index = NgramIndex(schedule.context_min_ngram, schedule.context_ngram) if schedule.context_ngram else None
         if index is not None:
             index.extend(tokens[: first + 1])
@@ -130,12 +129,11 @@ def simulate(
             room = n - t - 1
             copied = []
             if index is not None and room and chooser.prefer_context():
-                copied = index.propose(min(context_width.current, room))
+                copied = index.propose(min(schedule.context_max_draft, room))
             if copied:
                 truth = tokens[first + t + 1 : first + t + 1 + len(copied)]
                 accepted = next((j for j, (a, b) in enumerate(zip(copied, truth)) if a != b), len(copied))
                 seconds, source = costs.verify_pass(len(copied) + 1, 0), SOURCE_CONTEXT
-                context_width.update(len(copied), accepted)
                 replay.context_drafted += len(copied)
                 replay.context_accepted += accepted
             elif scored is not None:

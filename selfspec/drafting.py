@@ -157,14 +157,14 @@ class LayerDrafter:
 class ContextDrafter:
     """Copies what followed the latest earlier occurrence of the sequence's tail n-gram: a draft that runs no
     layer at all, so its only cost is the wider verify pass. The index sees every emitted token, whichever
-    source drafted it; the width adapts to how far recent copies were right.
+    source drafted it. The width is fixed: a copy that goes wrong costs only a few more verified positions,
+    and shrinking after a miss would cut short the long spans (quotes, code, repeated lines) that pay most.
     """
 
     def __init__(self, runner: Runner, schedule: Schedule):
         self.runner = runner
         self.schedule = schedule
         self.index = NgramIndex(schedule.context_min_ngram, schedule.context_ngram)
-        self.width = Width(schedule.context_max_draft, adaptive=True)
 
     def begin(self, prompt: list[int]) -> None:
         self.index = NgramIndex(self.schedule.context_min_ngram, self.schedule.context_ngram)
@@ -172,7 +172,7 @@ class ContextDrafter:
 
     def draft(self, pending: int, position: int, room: int, sampler: Sampler, eos: set[int]) -> Draft | None:
         """The copied proposals, or None when the tail has no earlier occurrence."""
-        width = min(self.width.current, room)
+        width = min(self.schedule.context_max_draft, room)
         proposals = self.index.propose(width)
         if not proposals:
             return None
@@ -190,8 +190,6 @@ class ContextDrafter:
         return Draft(proposals, inputs, self.runner.embed(inputs), 0, reason, draft_probs, SOURCE_CONTEXT)
 
     def record(self, draft: Draft, emitted: list[int], kept: int, seconds: float) -> None:
-        if draft.source == SOURCE_CONTEXT:
-            self.width.update(len(draft.proposals), kept)
         self.index.extend(emitted)
 
 

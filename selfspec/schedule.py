@@ -36,7 +36,7 @@ class Schedule:
         recurs and copies have lately emitted tokens fastest, else the layer draft above (or a plain step
         when max_draft is 0).
     context_min_ngram: shortest tail n-gram the context draft accepts as a match.
-    context_max_draft: width bound of a context draft (its width adapts below it).
+    context_max_draft: tokens a context draft copies (fewer where the copied span or max_new_tokens ends).
     """
 
     skip_attn: tuple[int, ...] = ()
