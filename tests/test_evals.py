@@ -41,8 +41,8 @@ def prompt_file(tmp_path_factory) -> Path:
 def model_loads(smollm2_fp32):
     """The session's model in place of a fresh load per command run (loading is the slow part)."""
 
-    def load(name: str, dtype: str):
-        assert (name, dtype) == ("smollm2-135m", "float32")
+    def load(name: str, dtype: str, trust_remote_code: bool = False):
+        assert (name, dtype, trust_remote_code) == ("smollm2-135m", "float32", False)
         return smollm2_fp32
 
     threads = torch.get_num_threads()
