@@ -216,8 +216,9 @@ class RoundRate:
 
 class SourceChooser:
     """Whether this round should copy from the context: yes while context rounds have lately emitted tokens
-    at least as fast as the fallback's rounds (measured), or before either has a measurement. A context
-    source that fell behind is tried again every RETRY rounds, since what the text repeats changes.
+    at least as fast as the fallback's rounds (measured). Each source is tried once before any comparison
+    (short n-grams match almost everywhere, so without that the fallback might never be measured), and a
+    context source that fell behind is tried again every RETRY rounds, since what the text repeats changes.
     """
 
     RETRY = 8
@@ -228,7 +229,9 @@ class SourceChooser:
 
     def prefer_context(self) -> bool:
         mine, theirs = self.context.tokens_per_second, self.fallback.tokens_per_second
-        if mine is None or theirs is None or mine >= theirs:
+        if mine is None or theirs is None:
+            return mine is None
+        if mine >= theirs:
             return True
         self.passed_over += 1
         if self.passed_over >= self.RETRY:

@@ -55,6 +55,7 @@ def test_chooser_follows_the_measured_rate_and_retries_copies():
     chooser = SourceChooser()
     assert chooser.prefer_context()  # nothing measured yet
     chooser.record(SOURCE_CONTEXT, 1, 0.05)  # 20 tokens/s from copies
+    assert not chooser.prefer_context()  # the fallback has not been measured yet
     chooser.record("layer", 3, 0.06)  # 50 tokens/s from the fallback
     choices = [chooser.prefer_context() for _ in range(2 * SourceChooser.RETRY)]
     assert choices.count(True) == 2 and choices[SourceChooser.RETRY - 1]

@@ -195,7 +195,7 @@ def test_quickstart_notebook_runs(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # read by torch in the kernel
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     parameters = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
-    parameters.source = "MAX_NEW_TOKENS = 16"
+    parameters.source = "MAX_NEW_TOKENS = 16\nTUNE_TRIALS = 4"
     NotebookClient(
         notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
     ).execute()
