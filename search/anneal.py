@@ -18,7 +18,7 @@ from .surrogate import Text, drafter_for
 from .teacher import hidden_after, logits_of
 
 BINS = 10
-GRID = tuple(i / 20 for i in range(0, 81))  # a in [0, 4]
+GRID = tuple(i / 10 for i in range(0, 81))  # a in [0, 8]: shallow exits can need T well above 3
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,8 @@ class _Bars(Reporter):
         self.progress.console.print(f"[dim]- {text}[/dim]")
 
     def _start(self, label: str, total: int, timeout: float | None) -> None:
+        if self.task is not None:  # the stage before is over: its elapsed time stops here
+            self.progress.stop_task(self.task)
         self.started, self.timeout = time.perf_counter(), timeout
         self.task = self.progress.add_task(label, total=total, best="", eta="")
 

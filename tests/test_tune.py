@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from selfspec.search import command
-from selfspec.search.anneal import expected_calibration_error, fit_anneal
+from selfspec.search.anneal import GRID, expected_calibration_error, fit_anneal
 from selfspec.search.command import calibrate_command, tune_command
 from selfspec.search.costs import measure_costs
 from selfspec.search.prompts import BUILTIN, read_prompts, split
@@ -185,7 +185,7 @@ def test_fitted_anneal_lowers_the_calibration_error(smollm2_fp32, calibrated):
     result = fit_anneal(model, texts, schedule)
     print(f"ECE at a=0: {result.ece_before:.4f}; fitted a={result.anneal:.2f}: {result.ece:.4f}")
     assert result.positions == 2 * sum(len(t.positions) for t in texts)  # both exits pooled
-    assert result.ece <= result.ece_before and 0.0 <= result.anneal <= 4.0
+    assert result.ece <= result.ece_before and 0.0 <= result.anneal <= max(GRID)
 
 
 def test_calibrate_command_writes_the_fitted_schedule(smollm2_fp32, tmp_path):
