@@ -14,7 +14,8 @@ from .runner import Runner
 from .sampling import Sampler
 from .verify import accept_greedy, accept_sampled
 
-SOURCE_COUNTERS = ("stop_reasons", "accepted_lengths", "rounds_by_source", "drafted_by_source", "accepted_by_source")
+# Counters that merge by adding counts (stop reasons, accepted lengths, and the per-source tallies).
+COUNTERS = ("stop_reasons", "accepted_lengths", "rounds_by_source", "drafted_by_source", "accepted_by_source")
 
 
 @dataclass
@@ -47,7 +48,7 @@ class GenerationStats:
     def merge(self, other: "GenerationStats") -> None:
         for name in ("rounds", "drafted", "accepted", "new_tokens", "seconds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        for name in SOURCE_COUNTERS:
+        for name in COUNTERS:
             getattr(self, name).update(getattr(other, name))
 
     def as_dict(self) -> dict:
