@@ -15,8 +15,8 @@ from functools import partial
 import torch
 from transformers import PreTrainedModel
 
-from selfspec.adapter import adapter_for
 from selfspec.cache import PositionedCache
+from selfspec.fused import engine_adapter
 from selfspec.runner import Runner
 
 
@@ -106,7 +106,7 @@ def _medians(probes: dict[Hashable, Callable[[], object]], repeats: int, warmup:
 @torch.inference_mode()
 def measure_costs(model: PreTrainedModel, kv_length: int = 256, max_tokens: int = 9, repeats: int = 9) -> Costs:
     """Time the parts of a round on `model`'s device; `max_tokens` bounds the verify widths measured."""
-    adapter = adapter_for(model)
+    adapter = engine_adapter(model)
     num_layers = adapter.num_layers
     runner = Runner(adapter, PositionedCache(num_layers, kv_length + max_tokens))
     context = [i % adapter.embed_tokens.num_embeddings for i in range(kv_length)]

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from selfspec.adapter import adapter_for
 from selfspec.cache import PositionedCache
 from selfspec.drafting import SOURCE_CONTEXT, SOURCE_LAYER, SOURCE_PLAIN, LayerDrafter, SourceChooser, Width
+from selfspec.fused import engine_adapter
 from selfspec.ngram import NgramIndex
 from selfspec.runner import Runner
 from selfspec.schedule import Schedule
@@ -71,7 +71,7 @@ class Replay:
 
 @torch.inference_mode()
 def prepare(model: PreTrainedModel, continuations: list[Continuation]) -> list[Text]:
-    num_layers = adapter_for(model).num_layers
+    num_layers = engine_adapter(model).num_layers
     texts = []
     for c in continuations:
         states = [hidden_after(model, c.tokens, 0)]
@@ -85,7 +85,7 @@ def prepare(model: PreTrainedModel, continuations: list[Continuation]) -> list[T
 
 def drafter_for(model: PreTrainedModel, schedule: Schedule) -> LayerDrafter:
     """The engine's drafter, for its exact prefix depth and annealing temperatures; it runs nothing here."""
-    adapter = adapter_for(model)
+    adapter = engine_adapter(model)
     return LayerDrafter(Runner(adapter, PositionedCache(adapter.num_layers, 1)), schedule)
 
 

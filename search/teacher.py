@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from selfspec.adapter import adapter_for
 from selfspec.cache import PositionedCache
+from selfspec.fused import engine_adapter
 from selfspec.runner import Runner
 
 
@@ -59,7 +59,7 @@ def hidden_after(
     `start` gives the states entering layer `first` (default: the embeddings, first=0), so a caller can walk
     the depth in segments and read several exits from one pass.
     """
-    adapter = adapter_for(model)
+    adapter = engine_adapter(model)
     runner = Runner(adapter, PositionedCache(adapter.num_layers, tokens.numel()))
     h = runner.embed(tokens.tolist()) if start is None else start
     span = runner.span(h, 0)
@@ -68,4 +68,4 @@ def hidden_after(
 
 @torch.inference_mode()
 def logits_of(model: PreTrainedModel, h: torch.Tensor) -> torch.Tensor:
-    return adapter_for(model).logits(h)[0]  # [T, V]
+    return engine_adapter(model).logits(h)[0]  # [T, V]

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedModel, StoppingCriteriaList
 
-from .adapter import adapter_for
 from .cache import PositionedCache
 from .drafting import drafter_for
 from .errors import GenerationInputError, ScheduleError
 from .fingerprint import model_fingerprint
+from .fused import engine_adapter
 from .loop import GenerationStats, decode
 from .runner import Runner
 from .sampling import Sampler
@@ -49,9 +49,9 @@ def default_schedule(num_layers: int) -> Schedule:
 class SpeculativeModel:
     """Wraps a causal LM; `generate` drafts with the model's own shallower self and verifies losslessly."""
 
-    def __init__(self, model: PreTrainedModel, schedule: Schedule | None = None):
+    def __init__(self, model: PreTrainedModel, schedule: Schedule | None = None, backend: str = "auto"):
         self._model = model
-        self._adapter = adapter_for(model)
+        self._adapter = engine_adapter(model, backend)
         num_layers = self._adapter.num_layers
         self.schedule = (schedule or default_schedule(num_layers)).validate_for(num_layers)
         _check_schedule_target(self.schedule, model)
@@ -152,9 +152,13 @@ def _check_schedule_target(schedule: Schedule, model: PreTrainedModel) -> None:
             warnings.warn(f"schedule was tuned for {key} {wanted}, running on {actual}: speed may differ", stacklevel=3)
 
 
-def wrap(model: PreTrainedModel, schedule: Schedule | None = None) -> SpeculativeModel:
-    """Wrap `model` for self-speculative generation; schedule None means an untuned default."""
-    return SpeculativeModel(model, schedule)
+def wrap(model: PreTrainedModel, schedule: Schedule | None = None, backend: str = "auto") -> SpeculativeModel:
+    """Wrap `model` for self-speculative generation; schedule None means an untuned default.
+
+    backend: "fused" runs derived fused copies of the weights (`selfspec.fused`), "reference" the model's own
+    modules; "auto" takes fused where the architecture allows it.
+    """
+    return SpeculativeModel(model, schedule, backend)
 
 
 def unwrap(model: Any) -> PreTrainedModel:

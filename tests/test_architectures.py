@@ -7,6 +7,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 import selfspec
 from selfspec.adapter import PRE_NORM_FAMILIES
+from selfspec.fused import FUSED_FAMILIES, FusedAdapter, engine_adapter
 
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, head_dim=16)  # fmt: skip
@@ -28,14 +29,35 @@ def tiny(family: str, attn: str = "sdpa"):
     return model
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", PRE_NORM_FAMILIES)
-def test_family_matches_generate(family, attn):
+def test_family_matches_generate(family, attn, backend):
     model = tiny(family, attn)
     ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(1))
     expected = model.generate(ids, max_new_tokens=20, do_sample=False)
     for schedule in SCHEDULES:
-        assert torch.equal(selfspec.wrap(model, schedule).generate(ids, max_new_tokens=20), expected), schedule
+        fast = selfspec.wrap(model, schedule, backend=backend)
+        assert torch.equal(fast.generate(ids, max_new_tokens=20), expected), schedule
+
+
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+def test_fused_backend_is_taken_and_copies_the_weights(family):
+    model = tiny(family)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    adapter = engine_adapter(model)
+    assert isinstance(adapter, FusedAdapter) and engine_adapter(model) is adapter  # built once per model
+    qkv = adapter.fused[0].qkv.weight
+    assert all(qkv.data_ptr() != p.data_ptr() for p in model.parameters())
+    qkv.zero_()  # the derived copy is the engine's own: the model never sees it
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_unfusable_family_or_backend_is_refused_clearly():
+    with pytest.raises(selfspec.UnsupportedModelError, match="backend='reference'"):
+        engine_adapter(tiny("gemma"), "fused")
+    with pytest.raises(selfspec.GenerationInputError, match="backend must be one of"):
+        selfspec.wrap(tiny("llama"), backend="compiled-please")
 
 
 def test_prompt_filling_the_context_exactly():

@@ -73,10 +73,11 @@ def test_random_schedules_match_generate_smollm2(smollm2_fp32, schedule, kind):
     ],
     ids=["exit", "skip", "dynamic-exit", "plain"],
 )
-def test_modes_match_generate_qwen05(qwen05_fp32, schedule):
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_modes_match_generate_qwen05(qwen05_fp32, schedule, backend):
     model, tokenizer = qwen05_fp32
     ids, expected = reference(model, tokenizer, "code", new_tokens=16)
-    fast = selfspec.wrap(model, schedule)
+    fast = selfspec.wrap(model, schedule, backend=backend)
     assert torch.equal(fast.generate(ids, max_new_tokens=16, do_sample=False), expected)
 
 
