@@ -24,7 +24,7 @@ from .errors import GenerationInputError, UnsupportedModelError
 FUSED_FAMILIES = ("llama", "mistral", "qwen2")
 BACKENDS = ("auto", "fused", "reference")
 
-# model -> ((dtype, device) the copies were made for, its fused adapter)
+# model -> {(dtype, device): the fused adapter built for them}
 _built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -125,12 +125,11 @@ def engine_adapter(model: PreTrainedModel, backend: str = "auto") -> Adapter:
         raise UnsupportedModelError(
             f"the fused backend supports {', '.join(FUSED_FAMILIES)} with SiLU MLPs; use backend='reference'"
         )
-    made_for = (model.dtype, model.device)
-    built_for, adapter = _built.get(model, (None, None))
-    if built_for != made_for:
-        adapter = FusedAdapter(model, reference.family)
-        _built[model] = (made_for, adapter)
-    return adapter
+    built = _built.setdefault(model, {})
+    key = (model.dtype, model.device)
+    if key not in built:
+        built[key] = FusedAdapter(model, reference.family)
+    return built[key]
 
 
 def _plain_llama_layer(model: PreTrainedModel) -> bool:
