@@ -26,12 +26,12 @@ def _csv(value: str | None) -> list[str] | None:
     return None if value is None else [item.strip() for item in value.split(",") if item.strip()]
 
 
-def _prompts(path: Path | None, categories: str | None, limit: int | None) -> list[Prompt]:
+def prompts_from(path: Path | None, categories: str | None, limit: int | None) -> list[Prompt]:
     prompts = longform_prompts() if path is None else load_prompts(path)
     return select(prompts, _csv(categories), limit)
 
 
-def _run(
+def run_with_progress(
     methods: Sequence[Method],
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Prompt],
@@ -150,7 +150,7 @@ def eval_command(
     parse_dtype(dtype)
     chosen = _csv(baselines) or []
     check_baselines(chosen)
-    prompts = _prompts(prompts_path, categories, limit)
+    prompts = prompts_from(prompts_path, categories, limit)
     schedule = Schedule.from_file(schedule_path) if schedule_path is not None else None
     out_dir = out_dir or Path(f"eval-{Path(model).name}")
     ensure_writable(out_dir / "report.json")
@@ -163,7 +163,7 @@ def eval_command(
     source = str(prompts_path) if prompts_path else "built-in long-form"
     categories_run = list(dict.fromkeys(p.category for p in prompts))
     meta = rep.run_meta(model, lm, methods, settings, prompts=source, categories=categories_run, limit=limit)
-    runs, interrupted = _run(methods, tokenizer, prompts, settings, lm.device)
+    runs, interrupted = run_with_progress(methods, tokenizer, prompts, settings, lm.device)
     report = rep.build_report([rep.prompt_record(run) for run in runs], meta, partial=interrupted)
     console = table_console()
     rep.print_report(report, console)

@@ -149,12 +149,14 @@ def generate(
 
 
 def _register_commands() -> None:
+    from .evals.bench import bench_command
     from .evals.command import eval_command
     from .search.command import calibrate_command, tune_command
 
     main.add_command(tune_command)
     main.add_command(calibrate_command)
     main.add_command(eval_command)
+    main.add_command(bench_command)
 
 
 _register_commands()

@@ -9,11 +9,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from torch.profiler import record_function
+
 from .drafting import Draft, HybridDrafter, LayerDrafter, PlainDrafter
 from .runner import Runner
 from .sampling import Sampler
 from .verify import accept_greedy, accept_sampled
 
+# Profiler ranges around each phase of a generation (`selfspec bench --profile` reads them).
+PREFILL, DRAFT, VERIFY = "selfspec.prefill", "selfspec.draft", "selfspec.verify"
 # Counters that merge by adding counts (stop reasons, accepted lengths, and the per-source tallies).
 COUNTERS = ("stop_reasons", "accepted_lengths", "rounds_by_source", "drafted_by_source", "accepted_by_source")
 
@@ -83,18 +87,21 @@ def decode(
     num_layers = runner.adapter.num_layers
     plain = PlainDrafter(runner)
     if len(prompt) > 1:
-        h = runner.embed(prompt[:-1])
-        runner.layers(h, runner.span(h, 0), 0, num_layers)  # prefill: fills the cache, no logits needed
+        with record_function(PREFILL):
+            h = runner.embed(prompt[:-1])
+            runner.layers(h, runner.span(h, 0), 0, num_layers)  # prefill: fills the cache, no logits needed
     drafter.begin(prompt)
     position, pending = len(prompt) - 1, prompt[-1]
     produced = 0
     while produced < max_new_tokens:
         round_started = time.perf_counter()
         room = max_new_tokens - produced - 1
-        draft: Draft = (drafter if room > 0 else plain).draft(pending, position, room, sampler, eos)
-        span = runner.span(draft.states, position)
-        h = runner.layers(draft.states, span, draft.verify_start, num_layers)
-        logits = runner.logits(h)[0]  # [len(inputs), V]
+        with record_function(DRAFT):
+            draft: Draft = (drafter if room > 0 else plain).draft(pending, position, room, sampler, eos)
+        with record_function(VERIFY):
+            span = runner.span(draft.states, position)
+            h = runner.layers(draft.states, span, draft.verify_start, num_layers)
+            logits = runner.logits(h)[0]  # [len(inputs), V]
         if sampler.do_sample:
             kept, extra = accept_sampled(draft.proposals, draft.draft_probs, logits, sampler)
         else:

@@ -1,0 +1,216 @@
+"""`selfspec bench`: how fast the decode loop itself runs, against `model.generate` and the hardware floor.
+
+Where `selfspec eval` asks what speculation gains per category, the bench isolates the loop: the same
+prompts through `model.generate`, the engine with drafting off over the model's own modules
+(backend="reference") and over its fused forward, and, given a schedule, the engine speculating. Each is
+reported as tokens/s, milliseconds per token, speed-up over generate and distance from the floor
+(`evals/floor.py`). `--profile` adds where the time of one draft step and one verify pass goes, op by op.
+"""
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.profiler import ProfilerActivity, profile
+from transformers import PreTrainedModel
+
+import selfspec
+from selfspec import Schedule, SelfspecError
+from selfspec.cli_options import table_console, trust_remote_code_option
+from selfspec.files import ensure_writable
+from selfspec.fused import FusedAdapter, engine_adapter
+from selfspec.loop import DRAFT, VERIFY
+from selfspec.zoo import load_model, parse_dtype
+
+from .command import prompts_from, run_with_progress
+from .floor import floor_seconds_per_token, read_bandwidth, step_weight_bytes
+from .prompts import encode
+from .runner import REFERENCE, Method, PromptRun, Settings
+
+PROFILED_TOKENS = 64
+PROFILE_ROWS = 12
+
+
+def bench_methods(model: PreTrainedModel, schedule: Schedule | None) -> list[Method]:
+    """generate, the plain loop per backend this model has, and speculation when a schedule is given."""
+    methods = [Method(REFERENCE, model.generate)]
+    backends = ["reference", "fused"] if isinstance(engine_adapter(model), FusedAdapter) else ["reference"]
+    for backend in backends:
+        plain = selfspec.wrap(model, Schedule.plain(), backend=backend)
+        methods.append(Method(f"plain·{backend}", plain.generate, plain))
+    if schedule is not None:
+        fast = selfspec.wrap(model, schedule)
+        methods.append(Method("speculation", fast.generate, fast))
+    return methods
+
+
+@dataclass
+class MethodTotal:
+    name: str
+    tokens: int = 0
+    seconds: float = 0.0
+    identical: int = 0  # prompts whose tokens equal generate's
+    prompts: int = 0
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1000 * self.seconds / self.tokens
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds
+
+
+def totals(runs: Sequence[PromptRun]) -> list[MethodTotal]:
+    """Per method over all prompts: tokens / total seconds, so long replies weigh by their length."""
+    names = list(runs[0].runs)
+    result = {name: MethodTotal(name) for name in names}
+    for run in runs:
+        reference = run.runs[REFERENCE].tokens
+        for name, method_run in run.runs.items():
+            total = result[name]
+            total.tokens += len(method_run.tokens)
+            total.seconds += len(method_run.tokens) / method_run.tokens_per_second
+            total.identical += method_run.tokens == reference
+            total.prompts += 1
+    return list(result.values())
+
+
+def print_bench(rows: list[MethodTotal], floor_ms: float, weight_mb: float, bandwidth_gbs: float, console: Console):
+    reference = next(r for r in rows if r.name == REFERENCE)
+    table = Table(title=f"decode speed, {rows[0].prompts} prompts")
+    for column in ("method", "tokens/s", "ms/token", "× generate", "× floor time", "same tokens as generate"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        table.add_row(
+            row.name,
+            f"{row.tokens_per_second:.1f}",
+            f"{row.ms_per_token:.1f}",
+            f"{reference.ms_per_token / row.ms_per_token:.2f}",
+            f"{row.ms_per_token / floor_ms:.2f}",
+            f"{row.identical}/{row.prompts}",
+        )
+    table.add_row("floor", f"{1000 / floor_ms:.1f}", f"{floor_ms:.1f}", "", "1.00", "")
+    console.print(table)
+    console.print(
+        f"floor = {weight_mb:.0f} MB of weights read per step / {bandwidth_gbs:.1f} GB/s measured read bandwidth"
+    )
+
+
+def profile_phases(method: Method, input_ids: torch.Tensor) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+    """Self CPU time (µs) of each op inside the loop's draft and verify ranges over one generation, and how
+    many times each range ran: {phase: {op: µs}}, {phase: calls}."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof, torch.inference_mode():
+        method.generate(input_ids, max_new_tokens=PROFILED_TOKENS, do_sample=False)
+    by_phase: dict[str, dict[str, float]] = {DRAFT: defaultdict(float), VERIFY: defaultdict(float)}
+    calls = dict.fromkeys(by_phase, 0)
+    for event in prof.events():
+        if event.name in calls:
+            calls[event.name] += 1
+            continue
+        phase = _phase(event)
+        if phase is not None:
+            by_phase[phase][event.name] += event.self_cpu_time_total
+    return by_phase, calls
+
+
+def _phase(event) -> str | None:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name in (DRAFT, VERIFY):
+            return parent.name
+        parent = parent.cpu_parent
+    return None
+
+
+def print_profile(name: str, by_phase: dict[str, dict[str, float]], calls: dict[str, int], console: Console):
+    for phase, ops in by_phase.items():
+        spent = sum(ops.values())
+        if not calls[phase] or not spent:
+            continue
+        table = Table(title=f"{name}: {phase}, {spent / calls[phase] / 1000:.2f} ms per call ({calls[phase]} calls)")
+        for column in ("op", "µs per call", "share"):
+            table.add_column(column, justify="left" if column == "op" else "right")
+        for op, micros in sorted(ops.items(), key=lambda item: -item[1])[:PROFILE_ROWS]:
+            table.add_row(op, f"{micros / calls[phase]:.0f}", f"{micros / spent:.0%}")
+        console.print(table)
+
+
+@click.command("bench")
+@click.argument("model")
+@click.option(
+    "--schedule",
+    "schedule_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also time speculation with this schedule JSON.",
+)
+@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Spec-Bench JSONL (default: the built-in long-form set).")  # fmt: skip
+@click.option("--categories", help="Comma-separated categories to keep (default: all).")
+@click.option("--limit", type=int, help="At most N (>= 1) prompts from each category.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--dtype", default="bfloat16", show_default=True, help="float32, bfloat16 or float16.")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Timed runs per prompt and method; tokens/s is their median.")  # fmt: skip
+@click.option("--profile", "with_profile", is_flag=True,
+              help="Also profile one generation per engine method: time per op in draft steps and verify passes.")  # fmt: skip
+@click.option(
+    "--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the figures as JSON."
+)
+@trust_remote_code_option
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's choice).")
+def bench_command(
+    model: str,
+    schedule_path: Path | None,
+    prompts_path: Path | None,
+    categories: str | None,
+    limit: int | None,
+    max_new_tokens: int,
+    dtype: str,
+    repeats: int,
+    with_profile: bool,
+    out_path: Path | None,
+    trust_remote_code: bool,
+    threads: int | None,
+) -> None:
+    """Time MODEL's decode loop against model.generate and the memory-bandwidth floor (greedy decoding)."""
+    parse_dtype(dtype)  # everything that can be wrong with the arguments fails before the model loads
+    prompts = prompts_from(prompts_path, categories, limit)
+    schedule = Schedule.from_file(schedule_path) if schedule_path is not None else None
+    if out_path is not None:
+        ensure_writable(out_path)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    console = table_console()
+    lm, tokenizer = load_model(model, dtype, trust_remote_code=trust_remote_code)
+    with console.status("measuring read bandwidth"):
+        bandwidth = read_bandwidth()
+    floor_ms = 1000 * floor_seconds_per_token(lm, bandwidth)
+    methods = bench_methods(lm, schedule)
+    runs, interrupted = run_with_progress(methods, tokenizer, prompts, Settings(max_new_tokens, repeats), lm.device)
+    if not runs:
+        raise SelfspecError("interrupted before the first prompt finished: nothing to report")
+    rows = totals(runs)
+    print_bench(rows, floor_ms, step_weight_bytes(lm) / 1e6, bandwidth / 1e9, console)
+    if with_profile:
+        input_ids = encode(tokenizer, prompts[0].text).to(lm.device)
+        for method in methods:
+            if method.engine is not None:
+                print_profile(method.name, *profile_phases(method, input_ids), console)
+    if out_path is not None:
+        figures = {
+            "model": model, "dtype": dtype, "threads": torch.get_num_threads(), "prompts": len(runs),
+            "max_new_tokens": max_new_tokens, "read_bandwidth_gbs": bandwidth / 1e9, "floor_ms_per_token": floor_ms,
+            "methods": [{**asdict(r), "ms_per_token": r.ms_per_token, "tokens_per_second": r.tokens_per_second}
+                        for r in rows],
+        }  # fmt: skip
+        out_path.write_text(json.dumps(figures, indent=2) + "\n")
+        console.print(f"wrote {out_path}")
+    if interrupted:
+        raise SelfspecError(f"interrupted: the table holds the {len(runs)} finished prompt(s)")
