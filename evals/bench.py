@@ -33,7 +33,7 @@ from .floor import floor_seconds_per_token, read_bandwidth, step_weight_bytes
 from .prompts import encode
 from .runner import REFERENCE, Method, PromptRun, Settings
 
-PROFILED_TOKENS = 64
+PROFILED_TOKENS = 32  # the profiler's own bookkeeping grows with the ops it records; 32 tokens show the pattern
 PROFILE_ROWS = 12
 
 
@@ -103,11 +103,13 @@ def print_bench(rows: list[MethodTotal], floor_ms: float, weight_mb: float, band
     )
 
 
-def profile_phases(method: Method, input_ids: torch.Tensor) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+def profile_phases(
+    method: Method, input_ids: torch.Tensor, tokens: int = PROFILED_TOKENS
+) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
     """Self CPU time (µs) of each op inside the loop's draft and verify ranges over one generation, and how
     many times each range ran: {phase: {op: µs}}, {phase: calls}."""
     with profile(activities=[ProfilerActivity.CPU]) as prof, torch.inference_mode():
-        method.generate(input_ids, max_new_tokens=PROFILED_TOKENS, do_sample=False)
+        method.generate(input_ids, max_new_tokens=tokens, do_sample=False)
     by_phase: dict[str, dict[str, float]] = {DRAFT: defaultdict(float), VERIFY: defaultdict(float)}
     calls = dict.fromkeys(by_phase, 0)
     for event in prof.events():
@@ -202,7 +204,8 @@ def bench_command(
         input_ids = encode(tokenizer, prompts[0].text).to(lm.device)
         for method in methods:
             if method.engine is not None:
-                print_profile(method.name, *profile_phases(method, input_ids), console)
+                tokens = min(PROFILED_TOKENS, max_new_tokens)
+                print_profile(method.name, *profile_phases(method, input_ids, tokens), console)
     if out_path is not None:
         figures = {
             "model": model, "dtype": dtype, "threads": torch.get_num_threads(), "prompts": len(runs),
