@@ -22,13 +22,13 @@ from transformers import PreTrainedModel
 
 import selfspec
 from selfspec import Schedule, SelfspecError
-from selfspec.cli_options import table_console, trust_remote_code_option
+from selfspec.cli_options import table_console
 from selfspec.files import ensure_writable
 from selfspec.fused import FusedAdapter, engine_adapter
 from selfspec.loop import DRAFT, VERIFY
 from selfspec.zoo import load_model, parse_dtype
 
-from .command import prompts_from, run_with_progress
+from .command import prompts_from, run_with_progress, timed_run_options
 from .floor import floor_seconds_per_token, read_bandwidth, step_weight_bytes
 from .prompts import encode
 from .runner import REFERENCE, Method, PromptRun, Settings
@@ -152,34 +152,29 @@ def print_profile(name: str, by_phase: dict[str, dict[str, float]], calls: dict[
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also time speculation with this schedule JSON.",
 )
-@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Spec-Bench JSONL (default: the built-in long-form set).")  # fmt: skip
-@click.option("--categories", help="Comma-separated categories to keep (default: all).")
-@click.option("--limit", type=int, help="At most N (>= 1) prompts from each category.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--dtype", default="bfloat16", show_default=True, help="float32, bfloat16 or float16.")
-@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Timed runs per prompt and method; tokens/s is their median.")  # fmt: skip
-@click.option("--profile", "with_profile", is_flag=True,
-              help="Also profile one generation per engine method: time per op in draft steps and verify passes.")  # fmt: skip
+@timed_run_options
+@click.option(
+    "--profile",
+    "with_profile",
+    is_flag=True,
+    help="Also profile one generation per engine method: time per op in draft steps and verify passes.",
+)
 @click.option(
     "--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the figures as JSON."
 )
-@trust_remote_code_option
-@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's choice).")
 def bench_command(
     model: str,
     schedule_path: Path | None,
+    dtype: str,
+    max_new_tokens: int,
+    repeats: int,
+    threads: int | None,
     prompts_path: Path | None,
     categories: str | None,
     limit: int | None,
-    max_new_tokens: int,
-    dtype: str,
-    repeats: int,
     with_profile: bool,
     out_path: Path | None,
     trust_remote_code: bool,
-    threads: int | None,
 ) -> None:
     """Time MODEL's decode loop against model.generate and the memory-bandwidth floor (greedy decoding)."""
     parse_dtype(dtype)  # everything that can be wrong with the arguments fails before the model loads

@@ -1,6 +1,6 @@
 """`selfspec eval`: speed and losslessness of selfspec against transformers' own decoders."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
@@ -29,6 +29,34 @@ def _csv(value: str | None) -> list[str] | None:
 def prompts_from(path: Path | None, categories: str | None, limit: int | None) -> list[Prompt]:
     prompts = longform_prompts() if path is None else load_prompts(path)
     return select(prompts, _csv(categories), limit)
+
+
+def timed_run_options(command: Callable) -> Callable:
+    """The options of every command that times generations over a prompt set (eval, bench)."""
+    options = [
+        click.option(
+            "--prompts",
+            "prompts_path",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Spec-Bench JSONL (default: the built-in long-form set).",
+        ),
+        click.option("--categories", help="Comma-separated categories to keep (default: all)."),
+        click.option("--limit", type=int, help="At most N (>= 1) prompts from each category."),
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True),
+        click.option("--dtype", default="bfloat16", show_default=True, help="float32, bfloat16 or float16."),
+        click.option(
+            "--repeats",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Timed runs per prompt and method; tokens/s is their median.",
+        ),
+        trust_remote_code_option,
+        click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's choice)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 def run_with_progress(
@@ -76,16 +104,7 @@ def _compare(model: str | None, paths: tuple[Path, Path]) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Schedule JSON under test (default: the untuned default).",
 )
-@click.option(
-    "--prompts",
-    "prompts_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Spec-Bench JSONL (default: the built-in long-form set).",
-)
-@click.option("--categories", help="Comma-separated categories to keep (default: all).")
-@click.option("--limit", type=int, help="At most N (>= 1) prompts from each category.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--dtype", default="bfloat16", show_default=True, help="float32, bfloat16 or float16.")
+@timed_run_options
 @click.option(
     "--baselines",
     default=",".join(BASELINES),
@@ -93,20 +112,11 @@ def _compare(model: str | None, paths: tuple[Path, Path]) -> None:
     help="Methods to compare with; generate always runs, as the reference.",
 )
 @click.option(
-    "--repeats",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Timed runs per prompt and method; tokens/s is their median.",
-)
-@click.option(
     "--out",
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
     help="Report folder (default: ./eval-<model>).",
 )
-@trust_remote_code_option
-@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's choice).")
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
 @click.option("--seed", type=int, help="Seed for --sample (default 0), reset before every generation.")
 @click.option(
