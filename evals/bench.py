@@ -82,7 +82,9 @@ def totals(runs: Sequence[PromptRun]) -> list[MethodTotal]:
     return list(result.values())
 
 
-def print_bench(rows: list[MethodTotal], floor_ms: float, weight_mb: float, bandwidth_gbs: float, console: Console):
+def print_bench(
+    rows: list[MethodTotal], floor_ms: float, weight_mb: float, bandwidth_gbs: float, console: Console
+) -> None:
     reference = next(r for r in rows if r.name == REFERENCE)
     table = Table(title=f"decode speed, {rows[0].prompts} prompts")
     for column in ("method", "tokens/s", "ms/token", "× generate", "× floor time", "same tokens as generate"):
@@ -131,7 +133,7 @@ def _phase(event) -> str | None:
     return None
 
 
-def print_profile(name: str, by_phase: dict[str, dict[str, float]], calls: dict[str, int], console: Console):
+def print_profile(name: str, by_phase: dict[str, dict[str, float]], calls: dict[str, int], console: Console) -> None:
     for phase, ops in by_phase.items():
         spent = sum(ops.values())
         if not calls[phase] or not spent:
@@ -197,9 +199,9 @@ def bench_command(
     print_bench(rows, floor_ms, step_weight_bytes(lm) / 1e6, bandwidth / 1e9, console)
     if with_profile:
         input_ids = encode(tokenizer, prompts[0].text).to(lm.device)
+        tokens = min(PROFILED_TOKENS, max_new_tokens)
         for method in methods:
             if method.engine is not None:
-                tokens = min(PROFILED_TOKENS, max_new_tokens)
                 print_profile(method.name, *profile_phases(method, input_ids, tokens), console)
     if out_path is not None:
         figures = {
