@@ -31,6 +31,7 @@ from selfspec.zoo import load_model, parse_dtype
 from .command import prompts_from, run_with_progress, timed_run_options
 from .floor import floor_seconds_per_token, read_bandwidth, step_weight_bytes
 from .prompts import encode
+from .report import cpu_flags, layer_draft_figures, total_stats
 from .runner import REFERENCE, Method, PromptRun, Settings
 
 PROFILED_TOKENS = 32  # the profiler's own bookkeeping grows with the ops it records; 32 tokens show the pattern
@@ -102,6 +103,26 @@ def print_bench(
     console.print(table)
     console.print(
         f"floor = {weight_mb:.0f} MB of weights read per step / {bandwidth_gbs:.1f} GB/s measured read bandwidth"
+    )
+
+
+def draft_figures(runs: Sequence[PromptRun], gamma: int) -> dict[str, float]:
+    """Speculation's layer draft measured live against the fused plain loop: alpha, c and Leviathan's bound."""
+    if "speculation" not in runs[0].runs or not gamma:
+        return {}
+    draft, plain = (total_stats([run.runs[name].stats for run in runs]) for name in ("speculation", "plain·fused"))
+    return layer_draft_figures(draft, plain, gamma)
+
+
+def print_draft(figures: dict[str, float], rows: list[MethodTotal], gamma: int, console: Console) -> None:
+    if not figures:
+        return
+    by_name = {row.name: row for row in rows}
+    measured = by_name["plain·fused"].ms_per_token / by_name["speculation"].ms_per_token
+    console.print(
+        f"layer draft, measured: alpha {figures['layer_alpha']:.2f}, c {figures['layer_c']:.2f}, "
+        f"Leviathan bound {figures['layer_bound']:.3f} (gamma {gamma}); speculation × plain loop {measured:.3f} "
+        f"= {measured / figures['layer_bound']:.0%} of the bound"
     )
 
 
@@ -197,6 +218,10 @@ def bench_command(
         raise SelfspecError("interrupted before the first prompt finished: nothing to report")
     rows = totals(runs)
     print_bench(rows, floor_ms, step_weight_bytes(lm) / 1e6, bandwidth / 1e9, console)
+    gamma = schedule.max_draft if schedule is not None else 0
+    draft = draft_figures(runs, gamma) if "plain·fused" in runs[0].runs else {}
+    print_draft(draft, rows, gamma, console)
+    console.print(f"cpu: {cpu_flags()}, {torch.get_num_threads()} threads, {dtype}")
     if with_profile:
         input_ids = encode(tokenizer, prompts[0].text).to(lm.device)
         tokens = min(PROFILED_TOKENS, max_new_tokens)
@@ -205,7 +230,8 @@ def bench_command(
                 print_profile(method.name, *profile_phases(method, input_ids, tokens), console)
     if out_path is not None:
         figures = {
-            "model": model, "dtype": dtype, "threads": torch.get_num_threads(), "prompts": len(runs),
+            "model": model, "dtype": dtype, "threads": torch.get_num_threads(), "cpu_flags": cpu_flags(),
+            "prompts": len(runs), "layer_draft": draft,
             "max_new_tokens": max_new_tokens, "read_bandwidth_gbs": bandwidth / 1e9, "floor_ms_per_token": floor_ms,
             "methods": [{**asdict(r), "ms_per_token": r.ms_per_token, "tokens_per_second": r.tokens_per_second}
                         for r in rows],

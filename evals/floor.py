@@ -10,6 +10,10 @@ import time
 import torch
 from transformers import PreTrainedModel
 
+from selfspec.fused import layer_linears
+from selfspec.lowbit import GROUP_SIZE
+from selfspec.schedule import Schedule
+
 BANDWIDTH_BYTES = 1 << 30  # large enough to stream from memory, not from any cache level
 
 
@@ -20,6 +24,31 @@ def step_weight_bytes(model: PreTrainedModel) -> int:
     counted = sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
     head = model.lm_head.weight
     return counted + head.numel() * head.element_size()
+
+
+def matrix_bytes(rows: int, width: int, form: str, element_size: int) -> int:
+    """Bytes a [rows, width] matrix streams as `form`: exact values, or low-bit codes with their scales."""
+    if form == "int8":
+        return rows * width + rows * element_size
+    if form == "int4":
+        return rows * width // 2 + 2 * rows * (width // GROUP_SIZE) * element_size
+    return rows * width * element_size
+
+
+def draft_weight_bytes(model: PreTrainedModel, schedule: Schedule) -> int:
+    """Bytes of the matrices one layer-draft token reads at its deepest exit: kept sublayers in their forms, and
+    the draft head's rows."""
+    size = model.lm_head.weight.element_size()
+    exit_layer = schedule.exits(model.config.num_hidden_layers)[-1]
+    total = 0
+    for i, layer in enumerate(model.model.layers[:exit_layer]):
+        for name, group in layer_linears(layer).items():
+            form = schedule.sublayer_form("attn" if name in ("qkv", "o") else "mlp", i)
+            if form != "skip":
+                total += sum(matrix_bytes(*g.weight.shape, form, size) for g in group)
+    vocab, width = model.lm_head.weight.shape
+    rows = min(vocab, schedule.head_vocab or vocab)
+    return total + matrix_bytes(rows, width, schedule.head_precision, size)
 
 
 def read_bandwidth(repeats: int = 5, nbytes: int = BANDWIDTH_BYTES) -> float:

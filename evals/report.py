@@ -19,6 +19,7 @@ import transformers
 from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
+from selfspec.search.surrogate import leviathan_bound
 from transformers import PreTrainedModel
 
 import selfspec
@@ -29,7 +30,7 @@ from .prompts import ALL
 from .runner import REFERENCE, Method, PromptRun, Settings
 
 FORMAT = "selfspec.eval/1"
-ENGINE_FIELDS = ("rounds", "drafted", "accepted", "new_tokens", "seconds")
+ENGINE_FIELDS = ("rounds", "drafted", "accepted", "new_tokens", "seconds", "layer_draft_steps", "layer_draft_seconds")
 ENGINE_METRICS = (
     "mean_accepted_length",
     "acceptance_rate",
@@ -78,15 +79,42 @@ def prompt_record(run: PromptRun) -> dict[str, Any]:
     }
 
 
-def summarize(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """group ("all", then each category) -> method -> metrics."""
+def summarize(records: Sequence[dict[str, Any]], gamma: int = 0) -> dict[str, dict[str, dict[str, Any]]]:
+    """group ("all", then each category) -> method -> metrics; `gamma`: selfspec's layer-draft width bound, for
+    the layer draft's figures against the plain loop."""
     if not records:
         return {}
     groups = {ALL: list(records)}
     for record in records:
         groups.setdefault(record["category"], []).append(record)
     methods = list(records[0]["methods"])
-    return {group: {m: _metrics(rows, m) for m in methods} for group, rows in groups.items()}
+    summary = {group: {m: _metrics(rows, m) for m in methods} for group, rows in groups.items()}
+    if gamma and {"plain", "selfspec"} <= set(methods):
+        for group, rows in groups.items():
+            totals = [total_stats([r["methods"][m]["stats"] for r in rows]) for m in ("selfspec", "plain")]
+            summary[group]["selfspec"] |= layer_draft_figures(*totals, gamma)
+    return summary
+
+
+def layer_draft_figures(draft: GenerationStats, plain: GenerationStats, gamma: int) -> dict[str, float]:
+    """The layer draft as measured live: alpha (share of its tokens kept), c (one draft forward over one plain
+    step) and Leviathan's bound for them with `gamma` drafts a round; {} without layer drafts."""
+    if not draft.layer_draft_steps or not plain.new_tokens:
+        return {}
+    alpha, c = draft.layer_acceptance, draft.layer_draft_step_seconds / (plain.seconds / plain.new_tokens)
+    return {
+        "layer_alpha": round(alpha, 3),
+        "layer_c": round(c, 3),
+        "layer_bound": round(leviathan_bound(alpha, gamma, c), 3),
+    }
+
+
+def total_stats(stats: Sequence[dict[str, Any]]) -> GenerationStats:
+    """Engine statistics (as written in a report) summed over prompts."""
+    total = GenerationStats()
+    for s in stats:
+        total.merge(_stats_from_dict(s))
+    return total
 
 
 def _metrics(records: Sequence[dict[str, Any]], method: str) -> dict[str, Any]:
@@ -116,9 +144,7 @@ def _engine_metrics(stats: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
     """Draft statistics summed over prompts; None for methods the engine did not run."""
     if any(s is None for s in stats):
         return dict.fromkeys(ENGINE_METRICS)
-    total = GenerationStats()
-    for s in stats:
-        total.merge(_stats_from_dict(s))
+    total = total_stats(stats)
     return {
         "mean_accepted_length": round(total.mean_accepted_length, 3),
         "acceptance_rate": round(total.acceptance_rate, 3),
@@ -136,7 +162,7 @@ def _engine_metrics(stats: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
 def _stats_from_dict(s: dict[str, Any]) -> GenerationStats:
     # merging real GenerationStats keeps the engine's own definitions of the derived rates
     lengths = Counter({int(k): v for k, v in s["accepted_lengths"].items()})
-    counts = {k: s[k] for k in ENGINE_FIELDS}
+    counts = {k: s.get(k, 0) for k in ENGINE_FIELDS}  # reports before layer-draft timing lack the last two
     by_source = {k: Counter(s.get(k, {})) for k in ("rounds_by_source", "drafted_by_source", "accepted_by_source")}
     return GenerationStats(**counts, stop_reasons=Counter(s["stop_reasons"]), accepted_lengths=lengths, **by_source)
 
@@ -151,6 +177,7 @@ def environment(model: PreTrainedModel) -> dict[str, Any]:
         "platform": platform.platform(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "cpu_flags": cpu_flags(),
         "torch_threads": torch.get_num_threads(),
         "dtype": str(model.dtype).removeprefix("torch."),
     }
@@ -165,6 +192,18 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> str:
+    """The instruction sets that decide which kernels are fast here (speed figures differ between them)."""
+    try:
+        flags = set(
+            next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+        )
+    except (OSError, StopIteration):
+        return "unknown"
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "avx_vnni")
+    return " ".join(flag for flag in wanted if flag in flags) or "none of " + " ".join(wanted)
 
 
 def run_meta(
@@ -188,7 +227,8 @@ def run_meta(
 
 def build_report(records: Sequence[dict[str, Any]], meta: dict[str, Any], partial: bool = False) -> dict[str, Any]:
     """The whole report; `meta` comes from run_meta."""
-    return {"format": FORMAT, "partial": partial, **meta, "summary": summarize(records), "records": list(records)}
+    summary = summarize(records, meta["schedule"]["max_draft"])
+    return {"format": FORMAT, "partial": partial, **meta, "summary": summary, "records": list(records)}
 
 
 def save(report: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -306,6 +346,12 @@ def print_report(report: dict[str, Any], console: Console) -> None:
                 for source, rounds in m["rounds_by_source"].items()
             )
             console.print(f"{method} by draft source: {sources}")
+        if m.get("layer_alpha") is not None:
+            console.print(
+                f"{method} layer draft, measured: alpha {m['layer_alpha']:.2f} (drafted tokens kept), c {m['layer_c']:.2f} "
+                f"(draft forward / plain step), Leviathan bound {m['layer_bound']:.3f} "
+                f"(gamma {report['schedule']['max_draft']}); × plain {_num(m['speedup_vs_plain'], '.3f')}"
+            )
     differing = [
         f"[red]{method}[/red] differs from generate on {record['question_id']} ({record['category']}) "
         f"from new token {run['first_diff']}"

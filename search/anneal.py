@@ -15,7 +15,6 @@ from transformers import PreTrainedModel
 from selfspec.schedule import Schedule
 
 from .surrogate import Text, drafter_for
-from .teacher import hidden_after, logits_of
 
 BINS = 10
 GRID = tuple(i / 10 for i in range(0, 81))  # a in [0, 8]: shallow exits can need T well above 3
@@ -62,10 +61,8 @@ def exit_scores(model: PreTrainedModel, texts: list[Text], schedule: Schedule) -
         start = min(drafter.exact_depth, exit_layer)
         logits, agree = [], []
         for text in texts:
-            h = text.states[start]
-            if start < exit_layer:
-                h = hidden_after(model, text.tokens, exit_layer, drafter.skip_attn, drafter.skip_mlp, h, start)
-            rows = logits_of(model, h[:, text.positions]).float()  # [N_text, V]
+            drafter.begin(text.prompt)
+            rows = drafter.head(text.draft_states(start, exit_layer, drafter.plan))[0].float()  # [N_text, V]
             logits.append(rows)
             agree.append(rows.argmax(-1) == text.targets)
         out.append(ExitScores(exit_layer, torch.cat(logits), torch.cat(agree)))

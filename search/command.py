@@ -18,6 +18,7 @@ from selfspec.schedule import Schedule
 from selfspec.wrap import wrap
 from selfspec.zoo import load_model, parse_dtype
 
+from . import space
 from .anneal import fit_anneal
 from .prompts import BUILTIN, read_prompts, split
 from .surrogate import prepare
@@ -90,11 +91,11 @@ def describe(schedule: Schedule) -> str:
         parts.append(f"ctx n{schedule.context_min_ngram}-{schedule.context_ngram} w{schedule.context_max_draft}")
     if schedule.max_draft == 0:
         return " ".join(parts + ["+ plain"])
-    parts += [
-        f"{name} {_layers(layers)}"
-        for name, layers in (("attn", schedule.skip_attn), ("mlp", schedule.skip_mlp))
-        if layers
-    ]
+    forms = [("attn", "skip_attn"), ("mlp", "skip_mlp")]
+    forms += [(f"{s} {kind}", f"{s}_{kind}") for s in ("int8", "int4") for kind in ("attn", "mlp")]
+    parts += [f"{label} {_layers(getattr(schedule, name))}" for label, name in forms if getattr(schedule, name)]
+    if schedule.head_precision != "exact" or schedule.head_vocab:
+        parts.append(f"head {schedule.head_precision} {schedule.head_vocab or 'all'}")
     if schedule.exit_layer is not None:
         parts.append(f"exit {schedule.exit_layer}")
     parts.append(f"w{schedule.max_draft}{'+' if schedule.adaptive_width else ''}")
@@ -103,21 +104,33 @@ def describe(schedule: Schedule) -> str:
 
 
 _CAPTION = (
-    "alpha: layer-draft/full agreement; c: layer-draft step / full step; copied: predicted share of tokens from "
+    "alpha: layer-draft/full agreement; c: layer-draft step / full step; MB/tok: weight bytes a layer-draft "
+    "token reads; copied: predicted share of tokens from "
     "context copies; bound: Leviathan's (1-a^(g+1))/((1-a)(gc+1)); "
     "pred./meas.: predicted / measured speedup; acc.: measured tokens per verify pass; "
-    "schedule: context copies (ctx n-gram sizes, width), skipped attn/mlp layers, exit, width (+: adaptive), "
+    "schedule: context copies (ctx n-gram sizes, width), skipped attn/mlp layers, int8/int4 sublayers, draft head "
+    "(precision, tokens), exit, width (+: adaptive), "
     "confidence floor p, anneal a"
 )
 
 
 def _table(result: TuneResult) -> Table:
     table = Table(title="finalists timed against the plain loop on held-out prompts", caption=_CAPTION)
-    for column in ("trial", "schedule", "alpha", "c", "copied", "bound", "pred.", "meas.", "acc.", "tok/s"):
+    for column in ("trial", "schedule", "alpha", "c", "MB/tok", "copied", "bound", "pred.", "meas.", "acc.", "tok/s"):
         table.add_column(column, overflow="fold", justify="left" if column == "schedule" else "right")
     plain = result.plain
     table.add_row(
-        "-", describe(plain.schedule), "", "", "", "", "1.000", "1.000", "1.00", f"{plain.stats.tokens_per_second:.2f}"
+        "-",
+        describe(plain.schedule),
+        "",
+        "",
+        "",
+        "",
+        "",
+        "1.000",
+        "1.000",
+        "1.00",
+        f"{plain.stats.tokens_per_second:.2f}",
     )
     for run in result.finalists:
         table.add_row(*_row(run, plain), style="bold green" if run is result.chosen else None)
@@ -131,6 +144,7 @@ def _row(run: Measurement, plain: Measurement) -> tuple[str, ...]:
         describe(run.schedule) + (" [red](output differs)[/red]" if run.differing_outputs else ""),
         f"{p['agreement']:.2f}",
         f"{p['draft_cost']:.2f}",
+        f"{p.get('draft_bytes', 0.0) / 1e6:.0f}" if p.get("draft_bytes") else "",
         f"{p.get('context_share', 0.0):.0%}",
         f"{p['bound']:.3f}",
         f"{p['speedup']:.3f}",
@@ -187,7 +201,7 @@ def _summary(result: TuneResult, out: Path) -> str:
     help="Predicted speedup alone, or with the accepted length as a second objective.",
 )
 @click.option("--storage", help="Optuna RDB URL shared by workers; default: sqlite file next to --out.")
-@click.option("--study", "study_name", help="Study name; default: MODEL-DTYPE-OBJECTIVE.")
+@click.option("--study", "study_name", help="Study name; default: MODEL-DTYPE-OBJECTIVE-spaceN.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Default: ./MODEL.schedule.json.")
 @click.option(
     "--seed", type=int, default=TuneConfig.seed, show_default=True, help="Sampler seed; give each worker its own."
@@ -231,7 +245,7 @@ def tune_command(
     config = TuneConfig(
         out=out,
         storage=storage or default_storage(out),
-        study=study_name or f"{label}-{dtype_name}-{objective}",
+        study=study_name or f"{label}-{dtype_name}-{objective}-space{space.VERSION}",
         trials=trials,
         timeout=timeout,
         objective=objective,
@@ -273,6 +287,8 @@ def tune_command(
         )
         return
     console.print(_table(result))
+    for scheme, kernels in result.schedule.meta.get("kernels", {}).items():
+        console.print(f"{scheme} kernels here: layers {kernels['layers']}, head {kernels['head']}", soft_wrap=True)
     console.print(_summary(result, out) + f" ({seconds:.0f}s)")
 
 

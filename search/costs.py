@@ -9,15 +9,24 @@ import itertools
 import statistics
 import time
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import asdict, dataclass
-from functools import partial
+from dataclasses import asdict, dataclass, field
+from functools import cached_property, partial
 
 import torch
 from transformers import PreTrainedModel
 
 from selfspec.cache import PositionedCache
-from selfspec.fused import engine_adapter
+from selfspec.draft_head import DraftHead
+from selfspec.fused import FusedAdapter, engine_adapter
+from selfspec.lowbit import SCHEMES, draft_weights
 from selfspec.runner import Runner
+from selfspec.schedule import Schedule
+
+HEAD_VOCABS = (0, 4096, 8192, 16384, 32768)  # draft-head sizes priced (0: every token); larger ones are not cheap
+
+
+def head_key(precision: str, vocab: int) -> str:
+    return f"{precision}/{vocab}"
 
 
 @dataclass(frozen=True)
@@ -28,9 +37,14 @@ class Costs:
     fixed: float  # embedding plus the per-call setup (positions, rotary, mask)
     attn: tuple[float, ...]  # [L] one token through layer i's attention sublayer
     mlp: tuple[float, ...]  # [L]
-    draft_head: float  # final norm + LM head + the annealed softmax the draft reads its confidence from
+    # head_key(precision, vocab) -> the draft head (final norm + LM head over `vocab` tokens, 0: all) and the
+    # annealed softmax the draft reads its confidence from
+    draft_heads: dict[str, float]
     verify: tuple[float, ...]  # verify[k - 1]: k tokens through every layer, the LM head and argmax
     verify_head: tuple[float, ...]  # verify_head[k - 1]: final norm + LM head + argmax for k tokens
+    # scheme -> [L] one token through layer i's sublayer over low-bit weights (empty: no low-bit drafts here)
+    attn_lowbit: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    mlp_lowbit: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     @property
     def step(self) -> float:
@@ -49,23 +63,41 @@ class Costs:
     def max_verify_tokens(self) -> int:
         return len(self.verify)
 
+    @cached_property
     def _overhead(self) -> float:
         # Residual adds and call overhead that timing sublayers one by one misses, spread evenly over them,
         # so a draft that keeps everything costs exactly a measured step plus its softmax.
         parts = self.fixed + sum(self.attn) + sum(self.mlp) + self.head
         return max(0.0, self.step - parts) / (2 * self.num_layers)
 
-    def prefix(
-        self, depth: int, skip_attn: frozenset[int] = frozenset(), skip_mlp: frozenset[int] = frozenset()
-    ) -> float:
-        """One token through layers [0, depth) without the skipped sublayers, no LM head."""
-        pad = self._overhead()
-        kept = [self.attn[i] + pad for i in range(depth) if i not in skip_attn]
-        kept += [self.mlp[i] + pad for i in range(depth) if i not in skip_mlp]
-        return self.fixed + sum(kept)
+    @property
+    def schemes(self) -> tuple[str, ...]:
+        """Low-bit schemes measured on this device."""
+        return tuple(self.attn_lowbit)
 
-    def draft_step(self, exit_layer: int, skip_attn: frozenset[int], skip_mlp: frozenset[int]) -> float:
-        return self.prefix(exit_layer, skip_attn, skip_mlp) + self.draft_head
+    @property
+    def head_vocabs(self) -> tuple[int, ...]:
+        return tuple(sorted({int(key.split("/")[1]) for key in self.draft_heads}))
+
+    def sublayer(self, kind: str, layer: int, form: str) -> float:
+        """One token through a sublayer (attn or mlp) run as `form`: skip, exact, int8 or int4."""
+        if form == "skip":
+            return 0.0
+        table = getattr(self, kind) if form == "exact" else getattr(self, f"{kind}_lowbit")[form]
+        return table[layer] + self._overhead
+
+    def prefix(self, depth: int, schedule: Schedule | None = None) -> float:
+        """One token through layers [0, depth) as the schedule's layer draft runs them (exactly: None), no head."""
+        form = schedule.sublayer_form if schedule is not None else lambda kind, i: "exact"
+        return self.fixed + sum(self.sublayer(kind, i, form(kind, i)) for i in range(depth) for kind in ("attn", "mlp"))
+
+    def draft_head(self, precision: str = "exact", vocab: int = 0) -> float:
+        """The draft head's cost, priced at the smallest measured size that holds `vocab` tokens."""
+        sizes = [v for v in self.head_vocabs if v >= vocab and v > 0] if vocab else [0]
+        return self.draft_heads[head_key(precision, min(sizes, default=0))]
+
+    def draft_step(self, exit_layer: int, schedule: Schedule) -> float:
+        return self.prefix(exit_layer, schedule) + self.draft_head(schedule.head_precision, schedule.head_vocab)
 
     def verify_pass(self, tokens: int, start: int) -> float:
         """`tokens` tokens through layers [start, L) and the LM head.
@@ -85,7 +117,10 @@ class Costs:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Costs":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        for name in ("attn_lowbit", "mlp_lowbit"):
+            values[name] = {scheme: tuple(t) for scheme, t in values.get(name, {}).items()}
+        return cls(**values)
 
 
 def _medians(probes: dict[Hashable, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[Hashable, float]:
@@ -124,19 +159,32 @@ def measure_costs(model: PreTrainedModel, kv_length: int = 256, max_tokens: int 
     def head(tokens: int) -> torch.Tensor:
         return runner.logits(one.expand(1, tokens, -1))[0].argmax(-1)
 
-    def draft_head() -> torch.Tensor:
-        logits = runner.logits(one)[0, -1]  # [V]
+    def draft_head(head: DraftHead) -> torch.Tensor:
+        logits = head(one)[0, -1]  # [V]
         return torch.softmax(logits.float() / 1.5, dim=-1)[logits.argmax()]
 
-    def attention(i: int) -> torch.Tensor:
+    def attention(i: int, weights=None) -> torch.Tensor:
         runner.cache.write_at(span_positions, kv_length + 1)  # the probe before may have moved them
-        return adapter.attention(i, one, span.rope, span.mask, runner.cache)
+        return adapter.attention(i, one, span.rope, span.mask, runner.cache, weights)
+
+    schemes = SCHEMES if isinstance(adapter, FusedAdapter) else ()
+    vocab_size = adapter.lm_head.weight.shape[0]
+    heads = {
+        head_key(p, v): DraftHead(adapter, Schedule(head_precision=p, head_vocab=v))
+        for p in ("exact", *schemes)
+        for v in HEAD_VOCABS
+        if v < vocab_size
+    }
 
     widths = range(1, max_tokens + 1)
     probes: dict[Hashable, Callable[[], object]] = {"fixed": lambda: runner.span(runner.embed(context[:1]), kv_length)}
     probes |= {("attn", i): partial(attention, i) for i in range(num_layers)}
     probes |= {("mlp", i): partial(adapter.mlp, i, one) for i in range(num_layers)}
-    probes |= {"draft_head": draft_head}
+    probes |= {("head", key): partial(draft_head, head) for key, head in heads.items()}
+    for scheme in schemes:
+        layers = draft_weights(adapter, scheme).layers
+        probes |= {(scheme, "attn", i): partial(attention, i, layers[i]) for i in range(num_layers)}
+        probes |= {(scheme, "mlp", i): partial(adapter.mlp, i, one, layers[i]) for i in range(num_layers)}
     probes |= {("verify", k): partial(full_pass, k) for k in widths}
     probes |= {("verify_head", k): partial(head, k) for k in widths}
     t = _medians(probes, repeats)
@@ -145,9 +193,11 @@ def measure_costs(model: PreTrainedModel, kv_length: int = 256, max_tokens: int 
         fixed=t["fixed"],
         attn=tuple(t["attn", i] for i in range(num_layers)),
         mlp=tuple(t["mlp", i] for i in range(num_layers)),
-        draft_head=t["draft_head"],
+        draft_heads={key: t["head", key] for key in heads},
         verify=_rising(t["verify", k] for k in widths),
         verify_head=_rising(t["verify_head", k] for k in widths),
+        attn_lowbit={s: tuple(t[s, "attn", i] for i in range(num_layers)) for s in schemes},
+        mlp_lowbit={s: tuple(t[s, "mlp", i] for i in range(num_layers)) for s in schemes},
     )
 
 

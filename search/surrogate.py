@@ -12,28 +12,49 @@ import math
 from dataclasses import dataclass
 
 import torch
+from selfspec.evals.floor import draft_weight_bytes
 from transformers import PreTrainedModel
 
 from selfspec.cache import PositionedCache
 from selfspec.drafting import SOURCE_CONTEXT, SOURCE_LAYER, SOURCE_PLAIN, LayerDrafter, SourceChooser, Width
 from selfspec.fused import engine_adapter
 from selfspec.ngram import NgramIndex
-from selfspec.runner import Runner
+from selfspec.runner import Plan, Runner
 from selfspec.schedule import Schedule
 
 from .costs import Costs
-from .teacher import Continuation, hidden_after, logits_of
+from .teacher import Continuation
 
 
 @dataclass
 class Text:
     """One calibration text with the full model's states at every layer boundary, so a draft starts at its
-    exact prefix instead of layer 0."""
+    exact prefix instead of layer 0, and the full model's K/V at every position and layer.
+
+    A draft is scored at the continuation positions only, over the exact K/V of the prompt, as in decoding
+    (where the prompt's K/V come from the prefill); the continuation's own K/V are the draft's, a slightly
+    pessimistic stand-in for decoding, where all but the current round's are exact.
+    """
 
     tokens: torch.Tensor  # [T]
     positions: torch.Tensor  # [N] positions whose next token is part of the continuation
     states: list[torch.Tensor]  # L + 1 of [1, T, D]: states[l] enters layer l
     targets: torch.Tensor  # [N] the full model's greedy token after each position
+    runner: Runner  # over a cache holding the full model's K/V for positions [0, T) at every layer
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.tokens[: int(self.positions[0]) + 1].tolist()
+
+    def draft_states(self, start: int, stop: int, plan: Plan) -> torch.Tensor:
+        """[1, N, D]: the continuation positions' states after layers [start, stop) run as `plan`, from the
+        exact states entering `start`. Writes the cache at those positions only, at layers [start, stop), where
+        every later call writes before it reads; the prompt's K/V stay exact."""
+        h = self.states[start][:, self.positions]
+        if start >= stop:
+            return h
+        span = self.runner.span(h, int(self.positions[0]))
+        return self.runner.layers(h, span, start, stop, plan)
 
 
 @dataclass(frozen=True)
@@ -53,6 +74,7 @@ class Prediction:
     bound: float  # Leviathan et al.'s expected speedup of the layer draft for alpha, gamma = max_draft, c
     context_acceptance: float = 0.0  # share of copied proposals the model kept
     context_share: float = 0.0  # share of emitted tokens that were kept copies
+    draft_bytes: float = 0.0  # weight bytes one layer-draft token reads
 
     def to_dict(self) -> dict:
         return {k: round(v, 4) for k, v in self.__dict__.items()}
@@ -71,15 +93,17 @@ class Replay:
 
 @torch.inference_mode()
 def prepare(model: PreTrainedModel, continuations: list[Continuation]) -> list[Text]:
-    num_layers = engine_adapter(model).num_layers
+    adapter = engine_adapter(model)
     texts = []
     for c in continuations:
-        states = [hidden_after(model, c.tokens, 0)]
-        for layer in range(num_layers):
-            states.append(hidden_after(model, c.tokens, layer + 1, start=states[-1], first=layer))
+        runner = Runner(adapter, PositionedCache(adapter.num_layers, c.tokens.numel()))
+        states = [runner.embed(c.tokens.tolist())]
+        span = runner.span(states[0], 0)
+        for layer in range(adapter.num_layers):
+            states.append(runner.layers(states[-1], span, layer, layer + 1))
         positions = torch.arange(c.prompt_length - 1, c.tokens.numel() - 1)
-        targets = logits_of(model, states[-1][:, positions]).argmax(-1)
-        texts.append(Text(c.tokens, positions, states, targets))
+        targets = adapter.logits(states[-1][:, positions])[0].argmax(-1)
+        texts.append(Text(c.tokens, positions, states, targets, runner))
     return texts
 
 
@@ -97,10 +121,9 @@ def score(model: PreTrainedModel, texts: list[Text], schedule: Schedule) -> list
     start = drafter.exact_depth
     out = []
     for text in texts:
-        h = text.states[start]
-        if start < exit_layer:
-            h = hidden_after(model, text.tokens, exit_layer, drafter.skip_attn, drafter.skip_mlp, h, start)
-        logits = logits_of(model, h[:, text.positions]).float()  # [N, V]
+        h = text.draft_states(start, exit_layer, drafter.plan)
+        drafter.begin(text.prompt)  # the draft head also scores the prompt's tokens
+        logits = drafter.head(h)[0].float()  # [N, V]
         confidence, tokens = torch.softmax(logits / drafter.temperatures[exit_layer], dim=-1).max(-1)
         out.append(Scored((tokens == text.targets).tolist(), confidence.tolist()))
     return out
@@ -190,7 +213,7 @@ def predict(model: PreTrainedModel, texts: list[Text], costs: Costs, schedule: S
     scored, alpha, c, draft_step, exact_depth = None, 0.0, 0.0, 0.0, 0
     if schedule.max_draft > 0:
         drafter = drafter_for(model, schedule)
-        draft_step = costs.draft_step(drafter.exits[-1], drafter.skip_attn, drafter.skip_mlp)
+        draft_step = costs.draft_step(drafter.exits[-1], schedule)
         exact_depth = drafter.exact_depth
         scored = score(model, texts, schedule)
         alpha = sum(sum(s.agree) for s in scored) / sum(len(s.agree) for s in scored)
@@ -204,4 +227,5 @@ def predict(model: PreTrainedModel, texts: list[Text], costs: Costs, schedule: S
         bound=leviathan_bound(alpha, schedule.max_draft, c) if schedule.max_draft else 1.0,
         context_acceptance=replay.context_accepted / replay.context_drafted if replay.context_drafted else 0.0,
         context_share=replay.context_accepted / replay.tokens,
+        draft_bytes=draft_weight_bytes(model, schedule) if schedule.max_draft else 0.0,
     )

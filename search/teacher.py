@@ -1,18 +1,14 @@
 """Teacher-forced measurements: the draft and the full model scored over the model's own greedy text.
 
-One batched pass per sequence replaces a whole generation, which is what makes search trials cheap. The
-draft here attends to its own shallow K/V at every position (in real decoding it sees exact K/V for the
-accepted prefix), so these figures are a slightly pessimistic surrogate of live acceptance.
+One batched pass per sequence replaces a whole generation, which is what makes search trials cheap; the
+surrogate (`surrogate.Text`) scores drafts over these texts.
 """
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from selfspec.cache import PositionedCache
-from selfspec.fused import engine_adapter
-from selfspec.runner import Runner
 
 
 @dataclass
@@ -44,28 +40,7 @@ def greedy_continuations(
     return out
 
 
-@torch.inference_mode()
-def hidden_after(
-    model: PreTrainedModel,
-    tokens: torch.Tensor,
-    layers: int,
-    skip_attn: frozenset[int] = frozenset(),
-    skip_mlp: frozenset[int] = frozenset(),
-    start: torch.Tensor | None = None,
-    first: int = 0,
-) -> torch.Tensor:
-    """Hidden states [1, T, D] after layers [first, layers) over tokens [T], teacher-forced in one pass.
-
-    `start` gives the states entering layer `first` (default: the embeddings, first=0), so a caller can walk
-    the depth in segments and read several exits from one pass.
-    """
-    adapter = engine_adapter(model)
-    runner = Runner(adapter, PositionedCache(adapter.num_layers, tokens.numel()))
-    h = runner.embed(tokens.tolist()) if start is None else start
-    span = runner.span(h, 0)
-    return runner.layers(h, span, first, layers, skip_attn, skip_mlp)
-
-
-@torch.inference_mode()
-def logits_of(model: PreTrainedModel, h: torch.Tensor) -> torch.Tensor:
-    return engine_adapter(model).logits(h)[0]  # [T, V]
+def frequent_tokens(continuations: list[Continuation], count: int = 512) -> tuple[int, ...]:
+    """The tokens the model itself wrote most often, most frequent first (ties: lower id first)."""
+    counts = Counter(t for c in continuations for t in c.tokens[c.prompt_length :].tolist())
+    return tuple(sorted(counts, key=lambda t: (-counts[t], t))[:count])

@@ -19,7 +19,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfspec.errors import SelfspecError
 from selfspec.fingerprint import model_identity
+from selfspec.fused import engine_adapter
 from selfspec.loop import GenerationStats
+from selfspec.lowbit import draft_weights
 from selfspec.schedule import Schedule
 from selfspec.wrap import wrap
 
@@ -27,7 +29,7 @@ from . import space
 from .costs import Costs, measure_costs
 from .prompts import Prompt
 from .surrogate import Text, predict, prepare
-from .teacher import Continuation, encode_prompt, greedy_continuations
+from .teacher import Continuation, encode_prompt, frequent_tokens, greedy_continuations
 
 OBJECTIVES = ("speed", "speed+acceptance")
 # Measured speedups this close to 1 are within run-to-run noise; drafting must clearly pay to be chosen.
@@ -118,6 +120,7 @@ def _setup_key(model: PreTrainedModel, name: str, prompts: list[Prompt]) -> dict
         "dtype": str(model.dtype).removeprefix("torch."),
         "device": model.device.type,
         "prompts_digest": digest,
+        "space": space.VERSION,
     }
 
 
@@ -136,8 +139,9 @@ def calibrate(
     prompts: list[Prompt],
     config: TuneConfig,
     reporter: Reporter,
-) -> tuple[list[Text], Costs]:
-    """The study's calibration texts and costs: made and stored on first use, loaded after."""
+) -> tuple[list[Text], Costs, tuple[int, ...]]:
+    """The study's calibration texts, costs and the model's most frequent tokens: made and stored on first use,
+    loaded after."""
     key = _setup_key(model, name, prompts)
     held = _claim(study, "setup", key)
     if held != key:
@@ -155,19 +159,27 @@ def calibrate(
         costs = measure_costs(model, max_tokens=space.MAX_VERIFY_TOKENS, repeats=config.cost_repeats)
         _claim(study, "costs", costs.to_dict())
     reporter.stage("teacher-forced passes over the calibration texts")
-    return prepare(model, continuations), Costs.from_dict(study.user_attrs["costs"])
+    return prepare(model, continuations), Costs.from_dict(study.user_attrs["costs"]), frequent_tokens(continuations)
 
 
-def _evaluate(model: PreTrainedModel, texts: list[Text], costs: Costs, objective: str, params: dict) -> tuple:
+def _evaluate(
+    model: PreTrainedModel, texts: list[Text], costs: Costs, frequent: tuple[int, ...], objective: str, params: dict
+) -> tuple:
     """(objective values, trial attributes) of the schedule that `params` describe."""
-    schedule = space.schedule_of(params, costs.num_layers)
+    schedule = space.schedule_of(params, costs.num_layers, frequent)
     prediction = predict(model, texts, costs, schedule)
     values = [prediction.speedup] + ([prediction.accepted_length] if objective == "speed+acceptance" else [])
     return values, {"schedule": schedule.to_dict(), "prediction": prediction.to_dict()}
 
 
 def search(
-    study: optuna.Study, model: PreTrainedModel, texts: list[Text], costs: Costs, config: TuneConfig, reporter: Reporter
+    study: optuna.Study,
+    model: PreTrainedModel,
+    texts: list[Text],
+    costs: Costs,
+    frequent: tuple[int, ...],
+    config: TuneConfig,
+    reporter: Reporter,
 ) -> None:
     """Add up to config.trials trials within config.timeout: first the hand-picked seeds the study lacks,
     then the sampler's.
@@ -176,10 +188,11 @@ def search(
     can both take the same one on SQLite, which has no row locks. Workers that start together on a new
     study may each add the seeds, which costs a few duplicate trials and nothing else.
     """
-    evaluate = partial(_evaluate, model, texts, costs, config.objective)
-    distributions = space.distributions(costs.num_layers)
+    evaluate = partial(_evaluate, model, texts, costs, frequent, config.objective)
+    offered = costs.num_layers, costs.schemes, costs.head_vocabs
+    distributions = space.distributions(*offered)
     known = [t.params for t in study.trials]
-    seeds = [space.params_for(s, costs.num_layers) for s in space.seeds(costs.num_layers)]
+    seeds = [space.params_for(s, costs.num_layers) for s in space.seeds(*offered)]
     seeds = [p for p in seeds if p not in known]
     reporter.search(config.trials, config.timeout)
     started = time.perf_counter()
@@ -235,8 +248,10 @@ def pick_finalists(study: optuna.Study, count: int) -> list[optuna.trial.FrozenT
     picked, seen = [], set()
     for trial in ranked:
         s = Schedule.from_dict(trial.user_attrs["schedule"])
-        structure = (s.skip_attn, s.skip_mlp, s.exit_layer, s.max_draft > 0, s.context_ngram > 0)
-        shallower = s.skip_attn or s.skip_mlp or s.exit_layer is not None
+        forms = (s.int8_attn, s.int8_mlp, s.int4_attn, s.int4_mlp, s.head_precision, s.head_vocab)
+        structure = (s.skip_attn, s.skip_mlp, forms, s.exit_layer, s.max_draft > 0, s.context_ngram > 0)
+        lighter = s.inexact_layers or s.head_precision != "exact" or s.head_vocab
+        shallower = lighter or s.exit_layer is not None
         useful = s.drafting and (s.max_draft == 0 or shallower)
         lands = trial.user_attrs["prediction"]["accepted_length"] >= MIN_ACCEPTED_LENGTH
         if useful and lands and structure not in seen:
@@ -336,6 +351,12 @@ def _meta(
     }
 
 
+def lowbit_kernels(model: PreTrainedModel, schemes: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """Which kernel runs each low-bit scheme's layers and head here, as measured when its weights were built."""
+    adapter = engine_adapter(model)
+    return {scheme: draft_weights(adapter, scheme).kernels for scheme in schemes}
+
+
 def choose(runs: list[Measurement]) -> Measurement | None:
     """The fastest measured finalist, if it clearly beats the plain loop (runs[0])."""
     best = max(runs[1:], key=lambda r: r.stats.tokens_per_second, default=None)
@@ -360,9 +381,9 @@ def tune(
     reporter = reporter or Reporter()
     started = time.perf_counter()
     study = open_study(config)
-    texts, costs = calibrate(study, model, tokenizer, name, calibration, config, reporter)
+    texts, costs, frequent = calibrate(study, model, tokenizer, name, calibration, config, reporter)
     if config.trials > 0:
-        search(study, model, texts, costs, config, reporter)
+        search(study, model, texts, costs, frequent, config, reporter)
     if config.finalists == 0:
         return TuneResult(Schedule.plain(), None, [], None, len(completed(study)))
     finalists = [
@@ -372,7 +393,10 @@ def tune(
     measured = measure(model, tokenizer, runs, held_out, config, reporter)
     chosen = choose(runs)
     prompts = {"calibration": [p.question_id for p in calibration], "held_out": [p.question_id for p in measured]}
-    meta = _meta(study, config, runs, chosen, prompts) | {"tuning_seconds": round(time.perf_counter() - started, 1)}
+    meta = _meta(study, config, runs, chosen, prompts) | {
+        "kernels": lowbit_kernels(model, costs.schemes),
+        "tuning_seconds": round(time.perf_counter() - started, 1),
+    }
     schedule = (chosen.schedule if chosen else Schedule.plain()).with_meta(**meta)
     schedule.to_file(config.out)
     return TuneResult(schedule, runs[0], finalists, chosen, meta["trials"])

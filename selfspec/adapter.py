@@ -41,8 +41,11 @@ class Adapter:
     def position_embeddings(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotary(h, positions.unsqueeze(0))  # cos, sin: [1, T, head_dim]
 
-    def attention(self, i: int, h: torch.Tensor, rope, mask, cache) -> torch.Tensor:
-        """The residual update of layer i's attention sublayer; writes the layer's K/V into `cache`."""
+    def attention(self, i: int, h: torch.Tensor, rope, mask, cache, weights=None) -> torch.Tensor:
+        """The residual update of layer i's attention sublayer; writes the layer's K/V into `cache`.
+
+        `weights` (derived low-bit weights) exist only for the fused forward (`selfspec.fused`)."""
+        _no_derived(weights)
         layer = self.layers[i]
         out, _ = layer.self_attn(
             hidden_states=layer.input_layernorm(h),
@@ -52,12 +55,18 @@ class Adapter:
         )
         return out
 
-    def mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
+    def mlp(self, i: int, h: torch.Tensor, weights=None) -> torch.Tensor:
+        _no_derived(weights)
         layer = self.layers[i]
         return layer.mlp(layer.post_attention_layernorm(h))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.final_norm(h))  # [B, T, D] -> [B, T, V]
+
+
+def _no_derived(weights) -> None:
+    if weights is not None:
+        raise UnsupportedModelError("low-bit drafts run on the fused backend only (llama, mistral, qwen2)")
 
 
 def adapter_for(model: PreTrainedModel) -> Adapter:

@@ -10,8 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .adapter import Adapter
+from .draft_head import DraftHead
+from .errors import UnsupportedModelError
+from .fused import FusedAdapter
+from .lowbit import draft_weights
 from .ngram import NgramIndex
-from .runner import Runner
+from .runner import Plan, Runner
 from .sampling import Sampler
 from .schedule import Schedule
 
@@ -31,6 +36,7 @@ class Draft:
     stop_reason: str
     draft_probs: torch.Tensor | None = None  # [len(proposals), V] when sampling
     source: str = SOURCE_PLAIN
+    steps: int = 0  # draft forwards run (a layer draft runs one per token it looked at)
 
 
 class Width:
@@ -63,8 +69,32 @@ class PlainDrafter:
         pass
 
 
+def prepare_drafts(adapter: Adapter, schedule: Schedule) -> None:
+    """Build the derived weights the schedule's layer draft runs (once per model), or refuse an adapter that has
+    none: low-bit weights exist for the fused forward only."""
+    if schedule.max_draft == 0:
+        return
+    schemes = set(schedule.body_schemes) | ({schedule.head_precision} - {"exact"})
+    if schemes and not isinstance(adapter, FusedAdapter):
+        raise UnsupportedModelError("low-bit drafts run on the fused backend only (llama, mistral, qwen2)")
+    for scheme in sorted(schemes):
+        draft_weights(adapter, scheme)
+
+
+def draft_plan(runner: Runner, schedule: Schedule) -> Plan:
+    """The schedule's skipped sublayers, and its low-bit ones over the model's derived weights."""
+    prepare_drafts(runner.adapter, schedule)
+    weights: dict[str, dict[int, object]] = {"attn": {}, "mlp": {}}
+    for scheme in schedule.body_schemes:
+        layers = draft_weights(runner.adapter, scheme).layers
+        for kind in weights:
+            weights[kind] |= {i: layers[i] for i in getattr(schedule, f"{scheme}_{kind}")}
+    return Plan(frozenset(schedule.skip_attn), frozenset(schedule.skip_mlp), weights["attn"], weights["mlp"])
+
+
 class LayerDrafter:
-    """The model itself, run shallower: skipped sublayers and/or an exit, fixed or per token (dynamic exit).
+    """The model itself, run shallower or lighter: skipped sublayers, low-bit sublayers, a cheap LM head, and/or
+    an exit, fixed or per token (dynamic exit).
 
     Confidence is the probability of the drafted token under softmax(logits / T_l), T_l = 1 + a (1 - l / L),
     l the draft's effective depth: shallow drafts are overconfident, so they must be surer to go on.
@@ -75,21 +105,22 @@ class LayerDrafter:
         self.schedule = schedule
         num_layers = runner.adapter.num_layers
         self.num_layers = num_layers
-        self.skip_attn = frozenset(schedule.skip_attn)
-        self.skip_mlp = frozenset(schedule.skip_mlp)
+        self.plan = draft_plan(runner, schedule)
+        self.skip_attn, self.skip_mlp = self.plan.skip_attn, self.plan.skip_mlp
+        self.head = DraftHead(runner.adapter, schedule)
         all_exits = schedule.exits(num_layers)
         depth_cap = schedule.max_depth or num_layers
         self.exits = tuple(e for e in all_exits if e <= depth_cap)
         self.deeper_exits_cut = len(self.exits) < len(all_exits)
-        first_skip = min(self.skip_attn | self.skip_mlp, default=num_layers)
+        first_inexact = min(schedule.inexact_layers, default=num_layers)
         # Up to this depth the draft computes exactly what the full model does, so its states are reusable.
-        self.exact_depth = min(first_skip, self.exits[-1])
+        self.exact_depth = min(first_inexact, self.exits[-1])
         self.checkpoints = sorted({e for e in self.exits if e < self.exact_depth} | {self.exact_depth})
         self.temperatures = {e: self._temperature(e) for e in self.exits}
         self.width = Width(schedule.max_draft, schedule.adaptive_width)
 
     def begin(self, prompt: list[int]) -> None:
-        pass
+        self.head.begin(prompt)
 
     def record(self, draft: Draft, emitted: list[int], kept: int, seconds: float) -> None:
         self.width.update(len(draft.proposals), kept)
@@ -125,7 +156,8 @@ class LayerDrafter:
             span = self.runner.span(h, position + len(inputs) - 1)
             states.append(self.runner.layers(h, span, 0, verify_start))
         draft_probs = torch.stack(probs) if sampler.do_sample and probs else None
-        return Draft(proposals, inputs, torch.cat(states, dim=1), verify_start, reason, draft_probs, SOURCE_LAYER)
+        states = torch.cat(states, dim=1)
+        return Draft(proposals, inputs, states, verify_start, reason, draft_probs, SOURCE_LAYER, len(saved))
 
     def _step(self, token: int, position: int, sampler: Sampler):
         """One draft token: run to the first exit where it is confident (or the last allowed exit)."""
@@ -134,13 +166,13 @@ class LayerDrafter:
         depth_states = {0: h}
         layer = 0
         for boundary in sorted(set(self.checkpoints) | set(self.exits)):
-            h = self.runner.layers(h, span, layer, boundary, self.skip_attn, self.skip_mlp)
+            h = self.runner.layers(h, span, layer, boundary, self.plan)
             layer = boundary
             if boundary in self.checkpoints:
                 depth_states[boundary] = h
             if boundary not in self.exits:
                 continue
-            logits = self.runner.logits(h)[0, -1]  # [V]
+            logits = self.head(h)[0, -1]  # [V]
             if sampler.do_sample:
                 q = sampler.probs(logits[None])[0]
                 choice = int(sampler.sample(q[None])[0])

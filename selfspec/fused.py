@@ -12,6 +12,7 @@ and `backend="reference"`, run the model's own modules through `Adapter`.
 """
 
 import weakref
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +32,9 @@ _built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 class FusedLinear:
     """Several linear layers that read the same input, as one matrix product over their stacked weights."""
 
-    def __init__(self, layers: list[nn.Linear]):
-        weight = torch.cat([layer.weight.detach() for layer in layers])  # [sum of N, K]
-        biases = [layer.bias for layer in layers]
-        self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        self.sizes = [layer.out_features for layer in layers]
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int]):
+        self.bias = bias
+        self.sizes = sizes
         self.packed = _packs(weight)
         # oneDNN's packed layout is opaque; the plain copy is dropped once packed
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
@@ -47,6 +46,18 @@ class FusedLinear:
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self(x).split(self.sizes, dim=-1)
+
+    @classmethod
+    def stacking(cls, layers: list[nn.Linear]) -> "FusedLinear":
+        weight, bias = stacked(layers)
+        return cls(weight, bias, [layer.out_features for layer in layers])
+
+
+def stacked(layers: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layers' weights stacked into one [sum of N, K] matrix, and their biases likewise (or None)."""
+    weight = torch.cat([layer.weight.detach() for layer in layers])
+    biases = [layer.bias for layer in layers]
+    return weight, None if biases[0] is None else torch.cat([b.detach() for b in biases])
 
 
 def _packs(weight: torch.Tensor) -> bool:
@@ -70,16 +81,42 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
+# A layer's matrices as the fused forward runs them: q/k/v stacked, o, gate/up stacked, down.
+MATRICES = ("qkv", "o", "gate_up", "down")
+
+
+def layer_linears(layer: nn.Module) -> dict[str, list[nn.Linear]]:
+    attn, mlp = layer.self_attn, layer.mlp
+    return {
+        "qkv": [attn.q_proj, attn.k_proj, attn.v_proj],
+        "o": [attn.o_proj],
+        "gate_up": [mlp.gate_proj, mlp.up_proj],
+        "down": [mlp.down_proj],
+    }
+
+
+@dataclass(frozen=True)
 class FusedLayer:
-    def __init__(self, layer: nn.Module):
-        attn, mlp = layer.self_attn, layer.mlp
-        self.input_norm, self.post_attention_norm = layer.input_layernorm, layer.post_attention_layernorm
-        self.qkv = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.o = FusedLinear([attn.o_proj])
-        self.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj])
-        self.down = FusedLinear([mlp.down_proj])
-        self.scaling = attn.scaling
-        self.head_dim = attn.head_dim
+    """One layer's norms and matrices; a draft may run the same layer over derived (low-bit) matrices."""
+
+    input_norm: nn.Module
+    post_attention_norm: nn.Module
+    qkv: FusedLinear
+    o: FusedLinear
+    gate_up: FusedLinear
+    down: FusedLinear
+    scaling: float
+    head_dim: int
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> "FusedLayer":
+        linears = {name: FusedLinear.stacking(group) for name, group in layer_linears(layer).items()}
+        attn = layer.self_attn
+        return cls(layer.input_layernorm, layer.post_attention_layernorm, **linears,
+                   scaling=attn.scaling, head_dim=attn.head_dim)  # fmt: skip
+
+    def with_matrices(self, **matrices) -> "FusedLayer":
+        return replace(self, **matrices)
 
 
 class FusedAdapter(Adapter):
@@ -88,11 +125,12 @@ class FusedAdapter(Adapter):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.attn_implementation = "sdpa"
-        self.fused = [FusedLayer(layer) for layer in self.layers]
-        self.head = FusedLinear([self.lm_head])
+        self.fused = [FusedLayer.of(layer) for layer in self.layers]
+        self.head = FusedLinear.stacking([self.lm_head])
+        self.derived: dict = {}  # low-bit draft weights built for this adapter, by scheme (`selfspec.lowbit`)
 
-    def attention(self, i: int, h: torch.Tensor, rope, mask, cache) -> torch.Tensor:
-        layer = self.fused[i]
+    def attention(self, i: int, h: torch.Tensor, rope, mask, cache, weights: FusedLayer | None = None) -> torch.Tensor:
+        layer = weights or self.fused[i]
         batch, count, _ = h.shape
         q, k, v = layer.qkv.split(rms_norm(h, layer.input_norm))  # [B, T, heads * head_dim] each
         q, k, v = (t.view(batch, count, -1, layer.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, H, T, hd]
@@ -104,8 +142,8 @@ class FusedAdapter(Adapter):
         )  # fmt: skip
         return layer.o(out.transpose(1, 2).reshape(batch, count, -1))
 
-    def mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        layer = self.fused[i]
+    def mlp(self, i: int, h: torch.Tensor, weights: FusedLayer | None = None) -> torch.Tensor:
+        layer = weights or self.fused[i]
         gate, up = layer.gate_up.split(rms_norm(h, layer.post_attention_norm))
         return layer.down(F.silu(gate) * up)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from torch.profiler import record_function
 
-from .drafting import Draft, HybridDrafter, LayerDrafter, PlainDrafter
+from .drafting import SOURCE_LAYER, Draft, HybridDrafter, LayerDrafter, PlainDrafter
 from .runner import Runner
 from .sampling import Sampler
 from .verify import accept_greedy, accept_sampled
@@ -31,6 +31,8 @@ class GenerationStats:
     accepted: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
+    layer_draft_steps: int = 0  # forwards the layer draft ran (one per token it looked at)
+    layer_draft_seconds: float = 0.0  # time inside the layer draft's rounds before their verify passes
     stop_reasons: Counter = field(default_factory=Counter)
     accepted_lengths: Counter = field(default_factory=Counter)
     rounds_by_source: Counter = field(default_factory=Counter)
@@ -49,8 +51,27 @@ class GenerationStats:
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds else 0.0
 
+    @property
+    def layer_draft_step_seconds(self) -> float:
+        """Seconds a layer-draft forward took on average (0 without layer drafts)."""
+        return self.layer_draft_seconds / self.layer_draft_steps if self.layer_draft_steps else 0.0
+
+    @property
+    def layer_acceptance(self) -> float:
+        """alpha as measured live: the share of layer-drafted tokens the full model kept."""
+        drafted = self.drafted_by_source[SOURCE_LAYER]
+        return self.accepted_by_source[SOURCE_LAYER] / drafted if drafted else 0.0
+
     def merge(self, other: "GenerationStats") -> None:
-        for name in ("rounds", "drafted", "accepted", "new_tokens", "seconds"):
+        for name in (
+            "rounds",
+            "drafted",
+            "accepted",
+            "new_tokens",
+            "seconds",
+            "layer_draft_steps",
+            "layer_draft_seconds",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for name in COUNTERS:
             getattr(self, name).update(getattr(other, name))
@@ -65,6 +86,9 @@ class GenerationStats:
             "mean_accepted_length": round(self.mean_accepted_length, 3),
             "acceptance_rate": round(self.acceptance_rate, 3),
             "tokens_per_second": round(self.tokens_per_second, 2),
+            "layer_draft_steps": self.layer_draft_steps,
+            "layer_draft_step_seconds": round(self.layer_draft_step_seconds, 6),
+            "layer_acceptance": round(self.layer_acceptance, 3),
             "stop_reasons": dict(self.stop_reasons),
             "rounds_by_source": dict(self.rounds_by_source),
             "drafted_by_source": dict(self.drafted_by_source),
@@ -98,6 +122,9 @@ def decode(
         room = max_new_tokens - produced - 1
         with record_function(DRAFT):
             draft: Draft = (drafter if room > 0 else plain).draft(pending, position, room, sampler, eos)
+        if draft.source == SOURCE_LAYER:
+            stats.layer_draft_steps += draft.steps
+            stats.layer_draft_seconds += time.perf_counter() - round_started
         with record_function(VERIFY):
             span = runner.span(draft.states, position)
             h = runner.layers(draft.states, span, draft.verify_start, num_layers)

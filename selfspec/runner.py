@@ -4,7 +4,8 @@ Both the draft (shallow, skipping) and the verify pass (the remaining layers, al
 `Runner.layers`, so the two differ only in which layers and sublayers run.
 """
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +21,20 @@ class Span:
     count: int
     rope: tuple[torch.Tensor, torch.Tensor]
     mask: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a forward runs each sublayer: skipped (the residual passes through), over derived low-bit weights
+    (layer -> `FusedLayer`), or exactly as the model does (the rest)."""
+
+    skip_attn: frozenset[int] = frozenset()
+    skip_mlp: frozenset[int] = frozenset()
+    attn_weights: Mapping[int, object] = field(default_factory=dict)
+    mlp_weights: Mapping[int, object] = field(default_factory=dict)
+
+
+EXACT = Plan()
 
 
 class Runner:
@@ -53,15 +68,14 @@ class Runner:
         span: Span,
         first: int,
         stop: int,
-        skip_attn: frozenset[int] = frozenset(),
-        skip_mlp: frozenset[int] = frozenset(),
+        plan: Plan = EXACT,
     ) -> torch.Tensor:
-        """Run layers [first, stop) on h [1, T, D]; a skipped sublayer leaves the residual stream as is."""
+        """Run layers [first, stop) on h [1, T, D] as `plan` says."""
         for i in range(first, stop):
-            if i not in skip_attn:
-                h = h + self.adapter.attention(i, h, span.rope, span.mask, self.cache)
-            if i not in skip_mlp:
-                h = h + self.adapter.mlp(i, h)
+            if i not in plan.skip_attn:
+                h = h + self.adapter.attention(i, h, span.rope, span.mask, self.cache, plan.attn_weights.get(i))
+            if i not in plan.skip_mlp:
+                h = h + self.adapter.mlp(i, h, plan.mlp_weights.get(i))
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

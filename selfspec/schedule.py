@@ -13,8 +13,12 @@ from typing import Any
 from .errors import ScheduleError
 from .files import write_json_atomic
 
-FORMAT = "selfspec.schedule/1"
+FORMAT = "selfspec.schedule/2"
+READABLE_FORMATS = ("selfspec.schedule/1", FORMAT)  # /1 had no low-bit forms and no cheap head: all exact
 MAX_NGRAM = 8
+PRECISIONS = ("exact", "int8", "int4")
+LOWBIT_FIELDS = ("int8_attn", "int8_mlp", "int4_attn", "int4_mlp")
+LAYER_FIELDS = ("skip_attn", "skip_mlp", "exit_layers", *LOWBIT_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,12 @@ class Schedule:
         when max_draft is 0).
     context_min_ngram: shortest tail n-gram the context draft accepts as a match.
     context_max_draft: tokens a context draft copies (fewer where the copied span or max_new_tokens ends).
+    int8_attn / int8_mlp / int4_attn / int4_mlp: layers whose sublayer the draft runs over a derived int8 or int4
+        weight-only copy of its matrices (`selfspec.lowbit`); a sublayer is skipped, low-bit or exact, one of them.
+    head_precision: the draft's LM head: exact, int8 or int4.
+    head_vocab: the draft scores only this many tokens (0: the whole vocabulary): `head_tokens` first, then the
+        lowest token ids (byte-level BPE numbers merges by frequency), plus each prompt's own tokens.
+    head_tokens: the most frequent tokens of the model's own text, most frequent first.
     """
 
     skip_attn: tuple[int, ...] = ()
@@ -51,14 +61,22 @@ class Schedule:
     context_ngram: int = 0
     context_min_ngram: int = 1
     context_max_draft: int = 10
+    int8_attn: tuple[int, ...] = ()
+    int8_mlp: tuple[int, ...] = ()
+    int4_attn: tuple[int, ...] = ()
+    int4_mlp: tuple[int, ...] = ()
+    head_precision: str = "exact"
+    head_vocab: int = 0
+    head_tokens: tuple[int, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("skip_attn", "skip_mlp", "exit_layers"):
+        for name in LAYER_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, (tuple, list)) or not all(_is_int(v) for v in value):
                 raise ScheduleError(f"schedule field {name} must be a list of layer indices, got {value!r}")
             object.__setattr__(self, name, tuple(sorted(set(value))))
+        self._check_forms()
         _check(
             _is_int(self.max_draft) and self.max_draft >= 0,
             f"max_draft must be an integer >= 0, got {self.max_draft!r}",
@@ -91,6 +109,48 @@ class Schedule:
             f"context_max_draft must be an integer in [1, 64], got {self.context_max_draft!r}",
         )
 
+    def _check_forms(self) -> None:
+        for kind in ("attn", "mlp"):
+            names = (f"skip_{kind}", f"int8_{kind}", f"int4_{kind}")
+            for a, b in ((0, 1), (0, 2), (1, 2)):
+                both = sorted(set(getattr(self, names[a])) & set(getattr(self, names[b])))
+                _check(not both, f"layers {both} are in both {names[a]} and {names[b]}; a sublayer has one form")
+        _check(
+            self.head_precision in PRECISIONS,
+            f"head_precision must be one of {', '.join(PRECISIONS)}, got {self.head_precision!r}",
+        )
+        _check(
+            _is_int(self.head_vocab) and self.head_vocab >= 0,
+            f"head_vocab must be an integer >= 0, got {self.head_vocab!r}",
+        )
+        tokens = self.head_tokens
+        _check(
+            isinstance(tokens, (tuple, list)) and all(_is_int(t) and t >= 0 for t in tokens),
+            f"head_tokens must be a list of token ids, got {tokens!r}",
+        )
+        object.__setattr__(self, "head_tokens", tuple(tokens))
+        _check(
+            len(tokens) <= self.head_vocab or not tokens,
+            f"head_tokens has {len(tokens)} tokens, more than head_vocab {self.head_vocab}",
+        )
+
+    def sublayer_form(self, kind: str, layer: int) -> str:
+        """'skip', 'int8', 'int4' or 'exact': how the layer draft runs that layer's `kind` (attn or mlp)."""
+        for form in ("skip", "int8", "int4"):
+            if layer in getattr(self, f"{form}_{kind}"):
+                return form
+        return "exact"
+
+    @property
+    def inexact_layers(self) -> set[int]:
+        """Layers where the layer draft departs from the full model (a skipped or low-bit sublayer)."""
+        return {i for name in ("skip_attn", "skip_mlp", *LOWBIT_FIELDS) for i in getattr(self, name)}
+
+    @property
+    def body_schemes(self) -> tuple[str, ...]:
+        """The low-bit schemes the layer draft's sublayers run."""
+        return tuple(s for s in ("int8", "int4") if getattr(self, f"{s}_attn") or getattr(self, f"{s}_mlp"))
+
     @classmethod
     def plain(cls) -> "Schedule":
         """Drafting off: the plain decoder through the same loop."""
@@ -108,7 +168,7 @@ class Schedule:
 
     def validate_for(self, num_layers: int) -> "Schedule":
         """Raise ScheduleError unless every index fits a model with `num_layers` layers."""
-        for name in ("skip_attn", "skip_mlp"):
+        for name in ("skip_attn", "skip_mlp", *LOWBIT_FIELDS):
             bad = [i for i in getattr(self, name) if not 0 <= i < num_layers]
             _check(
                 not bad,
@@ -123,6 +183,12 @@ class Schedule:
             )
         return self
 
+    def validate_vocab(self, vocab_size: int) -> "Schedule":
+        """Raise ScheduleError unless the draft head's tokens fit a vocabulary of `vocab_size`."""
+        bad = [t for t in self.head_tokens if t >= vocab_size]
+        _check(not bad, f"head_tokens has token ids {bad[:5]} outside this model's vocabulary of {vocab_size}")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data = {"format": FORMAT, **{k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}}
@@ -133,14 +199,16 @@ class Schedule:
         if not isinstance(data, dict):
             raise ScheduleError("a schedule must be a JSON object")
         version = data.get("format")
-        if version != FORMAT:
-            raise ScheduleError(f"schedule format is {version!r}; this selfspec reads {FORMAT!r}")
+        if version not in READABLE_FORMATS:
+            raise ScheduleError(
+                f"schedule format is {version!r}; this selfspec reads {' and '.join(map(repr, READABLE_FORMATS))}"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known - {"format"})
         if unknown:
             raise ScheduleError(f"unknown schedule fields {unknown}; known: {sorted(known)}")
         values = {k: v for k, v in data.items() if k != "format"}
-        for name in ("skip_attn", "skip_mlp", "exit_layers"):
+        for name in (*LAYER_FIELDS, "head_tokens"):
             if isinstance(values.get(name), list):
                 values[name] = tuple(values[name])
         if not isinstance(values.get("meta", {}), dict):

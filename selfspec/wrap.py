@@ -12,7 +12,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, StoppingCriteriaList
 
 from .cache import PositionedCache
-from .drafting import drafter_for
+from .drafting import drafter_for, prepare_drafts
 from .errors import GenerationInputError, ScheduleError
 from .fingerprint import model_fingerprint
 from .fused import engine_adapter
@@ -54,7 +54,9 @@ class SpeculativeModel:
         self._adapter = engine_adapter(model, backend)
         num_layers = self._adapter.num_layers
         self.schedule = (schedule or default_schedule(num_layers)).validate_for(num_layers)
+        self.schedule.validate_vocab(self._adapter.lm_head.weight.shape[0])
         _check_schedule_target(self.schedule, model)
+        prepare_drafts(self._adapter, self.schedule)
         self.last_stats: GenerationStats | None = None
 
     def __getattr__(self, name: str) -> Any:

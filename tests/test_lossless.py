@@ -35,22 +35,36 @@ def reference(model, tokenizer, kind: str, new_tokens: int = NEW_TOKENS) -> tupl
     return _references[key]
 
 
-def schedules(num_layers: int):
-    layer = st.integers(0, num_layers - 1)
-    return st.builds(
-        selfspec.Schedule,
-        skip_attn=st.lists(layer, max_size=6).map(tuple),
-        skip_mlp=st.lists(layer, max_size=4).map(tuple),
-        exit_layer=st.one_of(st.none(), st.integers(1, num_layers)),
-        exit_layers=st.lists(st.integers(1, num_layers), max_size=3).map(tuple),
-        max_draft=st.integers(0, 8),
-        anneal=st.sampled_from([0.0, 0.5, 2.0]),
-        confidence=st.sampled_from([0.0, 0.2, 0.5, 0.8]),
-        max_depth=st.one_of(st.none(), st.just(num_layers)),
-        adaptive_width=st.booleans(),
-        context_ngram=st.sampled_from([0, 0, 1, 2, 4]),  # context copies beside the layer draft, or instead
-        context_min_ngram=st.just(1),
-        context_max_draft=st.integers(1, 12),
+FORMS = ("exact", "exact", "exact", "skip", "int8", "int4")
+
+
+@st.composite
+def sublayer_forms(draw, num_layers: int) -> dict[str, tuple[int, ...]]:
+    """Each sublayer skipped, low-bit or exact (mostly exact), as the schedule's per-form layer lists."""
+    fields: dict[str, list[int]] = {}
+    for kind in ("attn", "mlp"):
+        for layer, form in enumerate(draw(st.lists(st.sampled_from(FORMS), min_size=num_layers, max_size=num_layers))):
+            if form != "exact":
+                fields.setdefault(f"{form}_{kind}", []).append(layer)
+    return {name: tuple(layers) for name, layers in fields.items()}
+
+
+@st.composite
+def schedules(draw, num_layers: int) -> selfspec.Schedule:
+    return selfspec.Schedule(
+        **draw(sublayer_forms(num_layers)),
+        exit_layer=draw(st.one_of(st.none(), st.integers(1, num_layers))),
+        exit_layers=tuple(draw(st.lists(st.integers(1, num_layers), max_size=3))),
+        max_draft=draw(st.integers(0, 8)),
+        anneal=draw(st.sampled_from([0.0, 0.5, 2.0])),
+        confidence=draw(st.sampled_from([0.0, 0.2, 0.5, 0.8])),
+        max_depth=draw(st.one_of(st.none(), st.just(num_layers))),
+        adaptive_width=draw(st.booleans()),
+        context_ngram=draw(st.sampled_from([0, 0, 1, 2, 4])),  # context copies beside the layer draft, or instead
+        context_min_ngram=1,
+        context_max_draft=draw(st.integers(1, 12)),
+        head_precision=draw(st.sampled_from(["exact", "exact", "int8", "int4"])),
+        head_vocab=draw(st.sampled_from([0, 0, 512, 4096])),  # a cheap head: few rows, plus the prompt's tokens
     )
 
 
@@ -70,12 +84,18 @@ def test_random_schedules_match_generate_smollm2(smollm2_fp32, schedule, kind):
         selfspec.Schedule(skip_attn=(5, 9, 13), skip_mlp=(11,), max_draft=3, confidence=0.4),
         selfspec.Schedule(exit_layers=(16, 20, 22), max_draft=6, anneal=1.0, confidence=0.5),
         selfspec.Schedule.plain(),
+        selfspec.Schedule(
+            int4_attn=tuple(range(24)), int4_mlp=tuple(range(24)), head_precision="int4", head_vocab=8192, max_draft=3
+        ),  # fmt: skip
+        selfspec.Schedule(int8_mlp=tuple(range(6, 22)), skip_attn=(20,), exit_layer=22, head_vocab=4096, max_draft=4),
     ],
-    ids=["exit", "skip", "dynamic-exit", "plain"],
+    ids=["exit", "skip", "dynamic-exit", "plain", "int4-cheap-head", "int8-mixed"],
 )
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 def test_modes_match_generate_qwen05(qwen05_fp32, schedule, backend):
     model, tokenizer = qwen05_fp32
+    if backend == "reference" and (schedule.body_schemes or schedule.head_precision != "exact"):
+        pytest.skip("low-bit drafts run on the fused backend only (tested to be refused in test_lowbit)")
     ids, expected = reference(model, tokenizer, "code", new_tokens=16)
     fast = selfspec.wrap(model, schedule, backend=backend)
     assert torch.equal(fast.generate(ids, max_new_tokens=16, do_sample=False), expected)
@@ -135,7 +155,11 @@ def test_parameters_unchanged_by_wrap_and_generate(smollm2_fp32):
         return h.hexdigest()
 
     before = digest()
-    fast = selfspec.wrap(model, selfspec.Schedule(skip_mlp=(3,), exit_layers=(18, 24), confidence=0.5))
-    fast.generate(encode(tokenizer, PROMPTS["code"]), max_new_tokens=8)
+    for schedule in (
+        selfspec.Schedule(skip_mlp=(3,), exit_layers=(18, 24), confidence=0.5),
+        selfspec.Schedule(int4_attn=(4, 5), int8_mlp=(6,), head_precision="int4", head_vocab=4096, max_draft=3),
+    ):
+        fast = selfspec.wrap(model, schedule)
+        fast.generate(encode(tokenizer, PROMPTS["code"]), max_new_tokens=8)
     assert digest() == before
     assert selfspec.unwrap(fast) is model

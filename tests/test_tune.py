@@ -119,7 +119,7 @@ def test_tune_writes_a_schedule_that_runs_and_resumes(smollm2_fp32, tmp_path, on
     storage = f"sqlite:///{out.with_suffix('.db')}"
     resumed = CliRunner().invoke(tune_command, [*common, "--trials", "2", "--finalists", "0"])
     assert resumed.exit_code == 0, resumed.output
-    assert study_trials(storage, "smollm2-135m-float32-speed") == 5
+    assert study_trials(storage, "smollm2-135m-float32-speed-space2") == 5
 
 
 def test_two_workers_share_one_study(smollm2_fp32, tmp_path):
@@ -159,7 +159,7 @@ def test_ctrl_c_prints_how_to_resume(tmp_path, monkeypatch):
     result = CliRunner().invoke(tune_command, ["smollm2-135m", "--out", str(out), "--trials", "7"])
     assert result.exit_code == 130
     assert f"--storage sqlite:///{out.with_suffix('.db')}" in result.output
-    assert "--study smollm2-135m-bfloat16-speed" in result.output and "--trials 7" in result.output
+    assert "--study smollm2-135m-bfloat16-speed-space2" in result.output and "--trials 7" in result.output
 
 
 def test_a_study_refuses_another_objective(tmp_path):

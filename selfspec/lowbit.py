@@ -1,0 +1,267 @@
+"""Low-bit draft weights: weight-only int8 (one scale per output channel) or int4 (a scale and a zero per group
+of 32 inputs) copies of the model's own matrices, which only the draft reads.
+
+At batch 1 a decode step is bound by the weight bytes it streams, so a draft over a quarter of the bytes costs a
+fraction of a step while agreeing with the full model far more often than a shallower draft does. The model's
+parameters are never touched. Quantised values are made once per model, dtype and scheme and kept beside the
+zoo cache as safetensors (never pickle); which kernel runs them is chosen by timing the candidates on this
+device over all the model's matrices in a row, as a decode step streams them.
+"""
+
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .fingerprint import model_fingerprint
+from .fused import MATRICES, FusedAdapter, FusedLayer, FusedLinear, layer_linears, stacked
+from .zoo import cache_root
+
+SCHEMES = ("int8", "int4")
+GROUP_SIZE = 32
+TIMED_PASSES = 5
+
+
+@dataclass(frozen=True)
+class QuantizedMatrix:
+    """A [N, K] matrix as codes and scales, independent of device and compute dtype."""
+
+    scheme: str
+    values: torch.Tensor  # int8 [N, K] (int8); uint8 [N, K / 2], two 4-bit codes a byte (int4)
+    scales: torch.Tensor  # float32 [N, 1] (int8) or [N, K / GROUP_SIZE] (int4)
+    zeros: torch.Tensor | None = None  # float32 [N, K / GROUP_SIZE]: the value code 0 stands for (int4)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, width = self.values.shape
+        return rows, width * (2 if self.scheme == "int4" else 1)
+
+    def codes(self) -> torch.Tensor:
+        """int32 [N, K]: the codes (int4: 0..15)."""
+        if self.scheme == "int8":
+            return self.values.to(torch.int32)
+        low, high = self.values & 15, self.values >> 4
+        return torch.stack([low, high], dim=-1).flatten(1).to(torch.int32)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [N, K]: the values the codes stand for."""
+        if self.scheme == "int8":
+            return self.values.float() * self.scales
+        rows, width = self.shape
+        groups = self.codes().float().view(rows, -1, GROUP_SIZE)
+        return (groups * self.scales[..., None] + self.zeros[..., None]).view(rows, width)
+
+    def rows(self, index: torch.Tensor) -> "QuantizedMatrix":
+        zeros = None if self.zeros is None else self.zeros[index]
+        return QuantizedMatrix(self.scheme, self.values[index], self.scales[index], zeros)
+
+
+def quantize(weight: torch.Tensor, scheme: str) -> QuantizedMatrix:
+    """Round a [N, K] weight to `scheme` (int8: symmetric per row; int4: asymmetric per group of 32)."""
+    w = weight.detach().float().cpu()
+    if scheme == "int8":
+        scales = (w.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-10)  # [N, 1]
+        return QuantizedMatrix(scheme, (w / scales).round().clamp(-127, 127).to(torch.int8), scales)
+    rows, width = w.shape
+    groups = w.view(rows, width // GROUP_SIZE, GROUP_SIZE)
+    low, high = groups.amin(-1), groups.amax(-1)  # [N, K / G]
+    scales = ((high - low) / 15).clamp_min(1e-10)
+    codes = ((groups - low[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8).view(rows, width)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)  # [N, K / 2]
+    return QuantizedMatrix(scheme, packed, scales, low)
+
+
+# --- kernels: each turns a quantised matrix into x [M, K] -> x @ W.T [M, N] on a device and dtype ----------
+
+
+def _int8pack(q: QuantizedMatrix, dtype: torch.dtype, device: torch.device) -> Callable:
+    values, scales = q.values.to(device), q.scales[:, 0].to(device, dtype)
+    return lambda x: torch._weight_int8pack_mm(x, values, scales)
+
+
+def _int4pack(q: QuantizedMatrix, dtype: torch.dtype, device: torch.device) -> Callable:
+    if device.type != "cpu":
+        raise NotImplementedError("the int4 weight-only kernel here is torch's CPU one")
+    packed = torch._convert_weight_to_int4pack_for_cpu(q.codes(), 8)
+    # the kernel computes (code - 8) * scale + zero, so its zero is the value of code 8
+    zeros = q.zeros + 8 * q.scales
+    scales_and_zeros = torch.stack([q.scales, zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)  # [K/G, N, 2]
+    return lambda x: torch._weight_int4pack_mm_for_cpu(x, packed, GROUP_SIZE, scales_and_zeros)
+
+
+def _dequantized(q: QuantizedMatrix, dtype: torch.dtype, device: torch.device) -> Callable:
+    """The same rounded values in the compute dtype, through the fused forward's own matrix product."""
+    linear = FusedLinear(q.dequantize().to(device, dtype), None, [q.shape[0]])
+    return linear
+
+
+KERNELS: dict[str, dict[str, Callable]] = {
+    "int8": {"int8pack": _int8pack, "dequantized": _dequantized},
+    "int4": {"int4pack": _int4pack, "dequantized": _dequantized},
+}
+
+
+# Past this many rows a product is compute-bound: the same rounded values in the compute dtype run it faster
+# than a weight-only kernel (which unpacks the codes for every row block). Only tune's teacher-forced passes
+# get there; drafts run one row.
+WIDE_ROWS = 8
+
+
+class LowbitLinear:
+    """`FusedLinear`'s interface over a quantised matrix: one row at a time by the kernel chosen for it, many
+    rows through a dequantised copy made on first need."""
+
+    def __init__(self, matrix: QuantizedMatrix, run: Callable, bias: torch.Tensor | None, sizes: list[int]):
+        self.matrix, self.run, self.bias, self.sizes = matrix, run, bias, sizes
+        self.wide: FusedLinear | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])  # [M, K]
+        if rows.shape[0] > WIDE_ROWS:
+            if self.wide is None:
+                self.wide = _dequantized(self.matrix, x.dtype, x.device)
+            y = self.wide(rows)
+        else:
+            y = self.run(rows)
+        y = y.view(*x.shape[:-1], -1)  # [..., N]
+        return y if self.bias is None else y + self.bias
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self(x).split(self.sizes, dim=-1)
+
+
+def _pass_seconds(runs: list[Callable], matrices: list[QuantizedMatrix], dtype, device) -> float:
+    """Best of a few passes over every matrix in a row with one-token inputs: the streaming a step does."""
+    inputs = {width: torch.randn(1, width, dtype=dtype, device=device) for width in {m.shape[1] for m in matrices}}
+    calls = [(run, inputs[m.shape[1]]) for run, m in zip(runs, matrices)]
+    best = float("inf")
+    for _ in range(TIMED_PASSES + 1):
+        started = time.perf_counter()
+        for run, x in calls:
+            run(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def fastest_kernel(
+    matrices: list[QuantizedMatrix], dtype: torch.dtype, device: torch.device
+) -> tuple[str, list[Callable], dict[str, float]]:
+    """The kernel that runs `matrices` fastest here, its runs, and every candidate's pass time in seconds."""
+    timed: dict[str, tuple[float, list[Callable]]] = {}
+    for name, build in KERNELS[matrices[0].scheme].items():
+        try:
+            runs = [build(m, dtype, device) for m in matrices]
+            timed[name] = _pass_seconds(runs, matrices, dtype, device), runs
+        except (RuntimeError, NotImplementedError):  # a kernel this device, dtype or shape lacks
+            continue
+    name = min(timed, key=lambda k: timed[k][0])
+    return name, timed[name][1], {k: v[0] for k, v in timed.items()}
+
+
+@dataclass
+class DraftWeights:
+    """A model's layers and LM head over one low-bit scheme, and the kernels chosen for them."""
+
+    scheme: str
+    layers: list[FusedLayer]
+    head: QuantizedMatrix
+    head_kernel: str
+    kernels: dict[str, str]  # "layers" / "head" -> what ran, with each candidate's measured pass time
+
+    def head_linear(self, rows: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> LowbitLinear:
+        """The LM head's low-bit matrix, or only its `rows`, run by the kernel chosen for the full head."""
+        matrix = self.head if rows is None else self.head.rows(rows.cpu())
+        run = KERNELS[self.scheme][self.head_kernel](matrix, dtype, device)
+        return LowbitLinear(matrix, run, None, [matrix.shape[0]])
+
+
+def draft_weights(adapter: FusedAdapter, scheme: str) -> DraftWeights:
+    """The adapter's model over `scheme`: loaded from the disk cache or quantised (once per process)."""
+    if scheme not in adapter.derived:
+        adapter.derived[scheme] = _build(adapter, scheme)
+    return adapter.derived[scheme]
+
+
+def _build(adapter: FusedAdapter, scheme: str) -> DraftWeights:
+    quantized = _load_or_quantize(adapter, scheme)
+    head_weight = adapter.lm_head.weight
+    dtype, device = head_weight.dtype, head_weight.device
+    names = [(i, name) for i in range(adapter.num_layers) for name in MATRICES]
+    kernel, runs, layer_times = fastest_kernel([quantized[f"layers.{i}.{n}"] for i, n in names], dtype, device)
+    by_name = dict(zip(names, runs))
+    layers = []
+    for i, (layer, base) in enumerate(zip(adapter.layers, adapter.fused)):
+        groups = layer_linears(layer)
+        linears = {
+            n: LowbitLinear(
+                quantized[f"layers.{i}.{n}"], by_name[i, n], stacked(groups[n])[1], [g.out_features for g in groups[n]]
+            )  # fmt: skip
+            for n in MATRICES
+        }
+        layers.append(base.with_matrices(**linears))
+    head_kernel, _, head_times = fastest_kernel([quantized["head"]], dtype, device)
+    kernels = {"layers": _said(kernel, layer_times), "head": _said(head_kernel, head_times)}
+    return DraftWeights(scheme, layers, quantized["head"], head_kernel, kernels)
+
+
+def _said(chosen: str, times: dict[str, float]) -> str:
+    """'int4pack (3.6 ms; dequantized 10.4 ms)': what ran and what it beat, per pass over the matrices."""
+    others = "; ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items() if k != chosen)
+    return f"{chosen} ({times[chosen] * 1e3:.1f} ms{'; ' + others if others else ''})"
+
+
+def cache_path(adapter: FusedAdapter, scheme: str) -> Path:
+    dtype = str(adapter.lm_head.weight.dtype).removeprefix("torch.")
+    return cache_root() / "lowbit" / f"{model_fingerprint(adapter.model)}-{dtype}-{scheme}-g{GROUP_SIZE}.safetensors"
+
+
+def _load_or_quantize(adapter: FusedAdapter, scheme: str) -> dict[str, QuantizedMatrix]:
+    path = cache_path(adapter, scheme)
+    if path.exists():
+        try:
+            return _unflatten(scheme, load_file(path))
+        except (SafetensorError, OSError, KeyError):  # damaged: made again below
+            pass
+    quantized = {"head": quantize(adapter.lm_head.weight, scheme)}
+    for i, layer in enumerate(adapter.layers):
+        for name, group in layer_linears(layer).items():
+            quantized[f"layers.{i}.{name}"] = quantize(stacked(group)[0], scheme)
+    _save(path, quantized)
+    return quantized
+
+
+def _save(path: Path, quantized: dict[str, QuantizedMatrix]) -> None:
+    tensors = {}
+    for key, q in quantized.items():
+        tensors |= {f"{key}.values": q.values, f"{key}.scales": q.scales}
+        if q.zeros is not None:
+            tensors[f"{key}.zeros"] = q.zeros
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"cannot keep low-bit weights in {path.parent} ({e.strerror or e}): made again next time")
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _unflatten(scheme: str, tensors: dict[str, torch.Tensor]) -> dict[str, QuantizedMatrix]:
+    keys = {k.rsplit(".", 1)[0] for k in tensors}
+    return {
+        k: QuantizedMatrix(scheme, tensors[f"{k}.values"], tensors[f"{k}.scales"], tensors.get(f"{k}.zeros"))
+        for k in keys
+    }

@@ -1,0 +1,164 @@
+"""Low-bit draft weights and the cheap draft head, on the real smollm2-135m: the kernels compute what the codes
+stand for, the model's own parameters never change, the disk cache is used, and drafts through them stay
+lossless (greedy token for token, sampling by chi-square)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from selfspec.evals.floor import draft_weight_bytes, step_weight_bytes
+from test_sampling import SAMPLES, TEMPERATURE, TOP_K, exact_pair_distribution, p_value
+
+import selfspec
+from selfspec import Schedule, ScheduleError, UnsupportedModelError
+from selfspec.draft_head import subset_rows
+from selfspec.fused import engine_adapter
+from selfspec.lowbit import GROUP_SIZE, KERNELS, _build, cache_path, draft_weights, quantize
+
+EVERY = tuple(range(30))
+
+
+@pytest.fixture(scope="module")
+def smollm2_bf16():
+    return selfspec.load_model("smollm2-135m", "bfloat16")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_values_stay_close_to_the_weights(smollm2_fp32, scheme):
+    model, _ = smollm2_fp32
+    weight = model.model.layers[3].mlp.down_proj.weight  # [576, 1536]
+    q = quantize(weight, scheme)
+    error = (q.dequantize() - weight).abs()
+    # int8: half a step of absmax / 127 per row; int4: half a step of (max - min) / 15 per group
+    step = weight.abs().amax(1, keepdim=True) / 127 if scheme == "int8" else None
+    if step is None:
+        groups = weight.detach().view(weight.shape[0], -1, GROUP_SIZE)
+        step = ((groups.amax(-1) - groups.amin(-1)) / 15).repeat_interleave(GROUP_SIZE, dim=1)
+    assert bool((error <= step / 2 + 1e-6).all())
+    assert q.values.numel() == weight.numel() // (2 if scheme == "int4" else 1)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_kernel_computes_what_the_codes_stand_for(smollm2_fp32, scheme, dtype):
+    model, _ = smollm2_fp32
+    q = quantize(model.model.layers[0].mlp.gate_proj.weight, scheme)
+    x = torch.randn(1, q.shape[1], dtype=dtype)
+    expected = F.linear(x.float(), q.dequantize())
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    for name, build in KERNELS[scheme].items():
+        got = build(q, dtype, torch.device("cpu"))(x).float()
+        assert torch.allclose(got, expected, rtol=tolerance, atol=tolerance * expected.abs().max()), name
+
+
+def test_draft_weights_are_kept_on_disk_and_loaded_back(smollm2_fp32, tmp_path, monkeypatch):
+    model, _ = smollm2_fp32
+    monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
+    adapter = engine_adapter(model)
+    first = _build(adapter, "int8")
+    path = cache_path(adapter, "int8")
+    assert path.exists() and path.suffix == ".safetensors"
+
+    def no_quantizing(*args):
+        raise AssertionError("the cached weights should have been loaded")
+
+    monkeypatch.setattr("selfspec.lowbit.quantize", no_quantizing)
+    again = _build(adapter, "int8")
+    assert torch.equal(again.head.values, first.head.values) and torch.equal(again.head.scales, first.head.scales)
+    assert set(again.kernels) == {"layers", "head"} and all(
+        k.split()[0] in KERNELS["int8"] for k in again.kernels.values()
+    )
+
+
+def test_a_damaged_cache_file_is_made_again(smollm2_fp32, tmp_path, monkeypatch):
+    model, _ = smollm2_fp32
+    monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
+    adapter = engine_adapter(model)
+    path = cache_path(adapter, "int4")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a safetensors file")
+    weights = _build(adapter, "int4")
+    assert weights.head.values.dtype == torch.uint8 and path.stat().st_size > 1_000_000
+
+
+def test_subset_head_rows_take_the_frequent_tokens_then_the_lowest_ids():
+    rows = subset_rows((900, 5, 900, 10_000_000), 6, 1000)
+    assert rows.tolist() == [0, 1, 2, 3, 5, 900]
+
+
+def test_low_bit_drafts_read_a_fraction_of_the_bytes(smollm2_bf16):
+    model, _ = smollm2_bf16
+    full = step_weight_bytes(model)
+    int4 = draft_weight_bytes(model, Schedule(int4_attn=EVERY, int4_mlp=EVERY, head_precision="int4", head_vocab=8192))
+    exact = draft_weight_bytes(model, Schedule(max_draft=1))
+    assert abs(exact - full) / full < 0.01  # the same matrices, norms aside
+    assert int4 < 0.3 * full
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        Schedule(int4_attn=EVERY, int4_mlp=EVERY, head_precision="int4", head_vocab=4096, max_draft=3),
+        Schedule(int8_attn=EVERY, int8_mlp=EVERY, head_precision="int8", max_draft=4, confidence=0.3, anneal=1.0),
+        Schedule(int4_mlp=tuple(range(8, 30)), skip_attn=(20,), exit_layer=26, head_vocab=2048, max_draft=5),
+        Schedule(head_vocab=1024, max_draft=2, context_ngram=3),
+        Schedule(
+            int8_attn=tuple(range(10, 20)), exit_layers=(20, 25), head_precision="int4", max_draft=4, confidence=0.5
+        ),
+    ],
+    ids=["int4-small-head", "int8", "mixed-skip-exit", "cheap-head-hybrid", "dynamic-exit"],
+)
+def test_low_bit_and_cheap_head_drafts_match_generate(smollm2_fp32, schedule):
+    model, tokenizer = smollm2_fp32
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name three rivers in Europe."}], add_generation_prompt=True,
+        return_tensors="pt", return_dict=True,
+    )["input_ids"]  # fmt: skip
+    expected = model.generate(ids, max_new_tokens=24, do_sample=False)
+    fast = selfspec.wrap(model, schedule)
+    assert torch.equal(fast.generate(ids, max_new_tokens=24, do_sample=False), expected)
+    assert fast.last_stats.drafted > 0
+
+
+def test_sampling_with_a_low_bit_draft_keeps_the_distribution(smollm2_fp32):
+    model, tokenizer = smollm2_fp32
+    ids = tokenizer("The best thing about the ocean is", return_tensors="pt")["input_ids"]
+    exact = exact_pair_distribution(model, ids)
+    schedule = Schedule(int4_attn=EVERY, int4_mlp=EVERY, head_precision="int4", head_vocab=4096, max_draft=1)
+    fast = selfspec.wrap(model, schedule)
+    torch.manual_seed(0)
+    out = fast.generate(
+        ids.repeat(SAMPLES, 1), max_new_tokens=2, do_sample=True, temperature=TEMPERATURE, top_k=TOP_K, top_p=1.0
+    )
+    assert fast.last_stats.drafted == SAMPLES and 0 < fast.last_stats.accepted < SAMPLES
+    assert p_value([tuple(r) for r in out[:, -2:].tolist()], exact) > 1e-3
+
+
+def test_schedule_forms_are_validated_and_old_files_still_load(tmp_path):
+    with pytest.raises(ScheduleError, match="in both skip_attn and int4_attn"):
+        Schedule(skip_attn=(3,), int4_attn=(3, 4))
+    with pytest.raises(ScheduleError, match="head_precision must be one of"):
+        Schedule(head_precision="int2")
+    with pytest.raises(ScheduleError, match="more than head_vocab"):
+        Schedule(head_vocab=2, head_tokens=(1, 2, 3))
+    schedule = Schedule(int4_mlp=(5, 6), head_precision="int8", head_vocab=4096, head_tokens=(7, 3))
+    schedule.to_file(tmp_path / "s.json")
+    assert Schedule.from_file(tmp_path / "s.json") == schedule
+    (tmp_path / "old.json").write_text('{"format": "selfspec.schedule/1", "exit_layer": 20, "max_draft": 3}')
+    old = Schedule.from_file(tmp_path / "old.json")
+    assert old.exit_layer == 20 and old.inexact_layers == set() and old.head_precision == "exact"
+
+
+def test_bad_low_bit_schedules_are_refused_on_the_model(smollm2_fp32):
+    model, _ = smollm2_fp32
+    with pytest.raises(ScheduleError, match=r"int4_mlp has layer indices \[30\]"):
+        selfspec.wrap(model, Schedule(int4_mlp=(30,)))
+    with pytest.raises(ScheduleError, match="outside this model's vocabulary"):
+        selfspec.wrap(model, Schedule(head_vocab=8, head_tokens=(10**6,)))
+    with pytest.raises(UnsupportedModelError, match="fused backend only"):
+        selfspec.wrap(model, Schedule(int4_attn=(3,)), backend="reference")
+
+
+def test_draft_weights_are_built_once_per_adapter(smollm2_fp32):
+    model, _ = smollm2_fp32
+    adapter = engine_adapter(model)
+    assert draft_weights(adapter, "int4") is draft_weights(adapter, "int4")
