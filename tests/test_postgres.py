@@ -17,11 +17,12 @@ from pathlib import Path
 
 import optuna
 import pytest
-from selfspec.search.prompts import read_prompts, split
-from selfspec.search.tune import GRACE_SECONDS, MIN_SPEEDUP, TuneConfig, tune
-from test_tune import write_prompts
+from click.testing import CliRunner
+from selfspec.search.tune import GRACE_SECONDS, MIN_SPEEDUP
+from test_tune import store_small_calibration, write_prompts
 
 import selfspec
+from selfspec.cli import main
 
 SURVIVOR_TRIALS = 12
 STATES = optuna.trial.TrialState
@@ -106,13 +107,9 @@ def _kill_mid_trial(worker: subprocess.Popen, storage: optuna.storages.RDBStorag
 
 @pytest.mark.slow
 def test_workers_on_postgres_survive_a_killed_worker(postgres, smollm2_fp32, tmp_path):
-    model, tokenizer = smollm2_fp32
     prompts = write_prompts(tmp_path / "p.jsonl")
     study = "shared"
-    # the study's calibration texts and costs, made once here and small, so the workers start searching at once
-    calibration, held_out = split(read_prompts(prompts))
-    setup = TuneConfig(tmp_path / "x.json", postgres, study, trials=1, finalists=0, calibration_tokens=16)
-    tune(model, tokenizer, "smollm2-135m", calibration, held_out, setup)
+    store_small_calibration(smollm2_fp32, prompts, postgres, study)
 
     run = [sys.executable, "-m", "selfspec", "tune", "smollm2-135m", "--dtype", "float32", "--threads", "1"]
     run += ["--prompts", str(prompts), "--storage", postgres, "--study", study]
@@ -168,3 +165,19 @@ def test_workers_on_postgres_survive_a_killed_worker(postgres, smollm2_fp32, tmp
         assert written == best["schedule"]
     else:
         assert not schedule.drafting and meta["speedup"] == 1.0
+
+
+@pytest.mark.parametrize("url", ["postgresql://u@127.0.0.1:1/db", "postgresql+psycopg2://u@127.0.0.1:1/db"])
+def test_a_missing_driver_is_one_line_naming_the_extra(url, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "psycopg2", None)  # `import psycopg2` now fails, as where it is not installed
+    result = CliRunner().invoke(main, ["tune", "smollm2-135m", "--storage", url, "--out", str(tmp_path / "s.json")])
+    assert result.exit_code == 2
+    assert result.stderr == "error: the PostgreSQL driver is missing; pip install 'selfspec[postgres]'\n"
+
+
+def test_an_unreachable_server_is_one_line_without_the_password(tmp_path):
+    url = f"postgresql+psycopg2://u:secret@127.0.0.1:{_free_port()}/db"
+    result = CliRunner().invoke(main, ["tune", "smollm2-135m", "--storage", url, "--out", str(tmp_path / "s.json")])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: cannot open --storage postgresql+psycopg2://u:***@127.0.0.1:")
+    assert result.stderr.count("\n") == 1 and "secret" not in result.stderr
