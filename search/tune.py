@@ -43,6 +43,7 @@ MIN_ACCEPTED_LENGTH = 1.05  # predicted tokens per verify pass for a finalist
 # FAIL instead of leaving it RUNNING forever. Three beats of grace: a busy machine may delay one.
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 3 * HEARTBEAT_SECONDS
+STORAGE_ATTEMPTS = 3
 # Which machine and process made a trial: shown in the study (optuna-dashboard) when workers share it.
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -111,19 +112,29 @@ def default_storage(out: Path) -> str:
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """The Optuna RDB storage at `url`, with trial heartbeats; a bad URL, a missing driver or a server that
-    cannot be reached is a SelfspecError."""
+    cannot be reached is a SelfspecError.
+
+    Workers that start together on a new database race to create its tables and all but one fail: those try
+    again, when the winner's tables are there.
+    """
     # Workers sharing one SQLite file wait for each other's writes instead of failing after SQLite's 5 s.
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        with _quiet_experimental():
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS
-            )
-    except ImportError as e:
-        raise SelfspecError(_missing_driver(url, e)) from None
-    except sqlalchemy.exc.SQLAlchemyError as e:
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-        raise SelfspecError(f"cannot open --storage {_hide_password(url)}: {reason}") from None
+    for _ in range(STORAGE_ATTEMPTS):
+        try:
+            with _quiet_experimental():
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS
+                )
+        except ImportError as e:
+            raise SelfspecError(_missing_driver(url, e)) from None
+        except (sqlalchemy.exc.IntegrityError, optuna.exceptions.StorageInternalError) as e:
+            error = e  # another worker created the same tables first
+            time.sleep(1.0)
+        except sqlalchemy.exc.SQLAlchemyError as e:
+            error = e
+            break
+    reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+    raise SelfspecError(f"cannot open --storage {_hide_password(url)}: {reason}") from None
 
 
 @contextmanager

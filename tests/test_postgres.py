@@ -181,3 +181,12 @@ def test_an_unreachable_server_is_one_line_without_the_password(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.startswith("error: cannot open --storage postgresql+psycopg2://u:***@127.0.0.1:")
     assert result.stderr.count("\n") == 1 and "secret" not in result.stderr
+
+
+def test_workers_starting_together_on_a_new_database_all_open_it(postgres):
+    # they race to create the study tables; before the retry, one of three usually failed
+    code = f"from selfspec.search.tune import open_storage; open_storage({postgres!r})"
+    workers = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for worker in workers:
+        _, errors = worker.communicate(timeout=120)
+        assert worker.returncode == 0, errors
