@@ -236,7 +236,9 @@ def tune_command(
     open_storage(config.storage)  # a missing driver or an unreachable server fails here, before a long load
     if threads is not None:
         torch.set_num_threads(threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # A failing trial's error reaches the command anyway; Optuna's warning would repeat it with a traceback, on
+    # Ctrl-C too.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     console = table_console()
     progress = _Progress(progress_for(console, "tune"))
     try:
