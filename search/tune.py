@@ -43,7 +43,7 @@ MIN_ACCEPTED_LENGTH = 1.05  # predicted tokens per verify pass for a finalist
 # FAIL instead of leaving it RUNNING forever. Three beats of grace: a busy machine may delay one.
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 3 * HEARTBEAT_SECONDS
-STORAGE_ATTEMPTS = 3
+STORAGE_ATTEMPTS = 3  # workers that start together on a new database race to create its tables
 # Which machine and process made a trial: shown in the study (optuna-dashboard) when workers share it.
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
