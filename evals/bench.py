@@ -26,9 +26,10 @@ from selfspec.cli_options import table_console
 from selfspec.files import ensure_writable
 from selfspec.fused import FusedAdapter, engine_adapter
 from selfspec.loop import DRAFT, VERIFY
+from selfspec.progress import progress_for
 from selfspec.zoo import load_model, parse_dtype
 
-from .command import prompts_from, run_with_progress, timed_run_options
+from .command import progress_console, prompts_from, run_with_progress, timed_run_options
 from .floor import floor_seconds_per_token, read_bandwidth, step_weight_bytes
 from .prompts import encode
 from .report import cpu_flags, layer_draft_figures, total_stats
@@ -208,14 +209,17 @@ def bench_command(
     if threads is not None:
         torch.set_num_threads(threads)
     console = table_console()
-    lm, tokenizer = load_model(model, dtype, trust_remote_code=trust_remote_code)
-    with console.status("measuring read bandwidth"):
+    with progress_for(progress_console(), "bench", transient=True) as progress:
+        progress.stage(f"loading {model} ({dtype})")
+        lm, tokenizer = load_model(model, dtype, trust_remote_code=trust_remote_code)
+        progress.stage("measuring read bandwidth")
         bandwidth = read_bandwidth()
-    floor_ms = 1000 * floor_seconds_per_token(lm, bandwidth)
-    methods = bench_methods(lm, schedule)
-    runs, interrupted = run_with_progress(methods, tokenizer, prompts, Settings(max_new_tokens, repeats), lm.device)
+        methods = bench_methods(lm, schedule)
+        settings = Settings(max_new_tokens, repeats)
+        runs, interrupted = run_with_progress(methods, tokenizer, prompts, settings, lm.device, progress)
     if not runs:
         raise SelfspecError("interrupted before the first prompt finished: nothing to report")
+    floor_ms = 1000 * floor_seconds_per_token(lm, bandwidth)
     rows = totals(runs)
     print_bench(rows, floor_ms, step_weight_bytes(lm) / 1e6, bandwidth / 1e9, console)
     gamma = schedule.max_draft if schedule is not None else 0
@@ -225,9 +229,15 @@ def bench_command(
     if with_profile:
         input_ids = encode(tokenizer, prompts[0].text).to(lm.device)
         tokens = min(PROFILED_TOKENS, max_new_tokens)
-        for method in methods:
-            if method.engine is not None:
-                print_profile(method.name, *profile_phases(method, input_ids, tokens), console)
+        profiled = [method for method in methods if method.engine is not None]
+        with progress_for(progress_console(), "bench", transient=True) as progress:
+            progress.phase("profile", len(profiled), "methods")
+            profiles = []
+            for method in profiled:
+                profiles.append(profile_phases(method, input_ids, tokens))
+                progress.advance(len(profiles), method.name)
+        for method, (by_phase, calls) in zip(profiled, profiles):
+            print_profile(method.name, by_phase, calls, console)
     if out_path is not None:
         figures = {
             "model": model, "dtype": dtype, "threads": torch.get_num_threads(), "cpu_flags": cpu_flags(),

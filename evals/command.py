@@ -1,17 +1,18 @@
 """`selfspec eval`: speed and losslessness of selfspec against transformers' own decoders."""
 
+import itertools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import PreTrainedTokenizerBase
 
 from selfspec import Schedule
 from selfspec.cli_options import table_console, trust_remote_code_option
 from selfspec.files import ensure_writable
+from selfspec.progress import Bars, Lines, progress_for
 from selfspec.zoo import load_model, parse_dtype
 
 from . import report as rep
@@ -59,33 +60,32 @@ def timed_run_options(command: Callable) -> Callable:
     return command
 
 
+def progress_console() -> Console:
+    """Progress goes to stderr, so stdout keeps only the tables: bars on a terminal, plain lines in a log."""
+    return Console(stderr=True)
+
+
 def run_with_progress(
     methods: Sequence[Method],
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Prompt],
     settings: Settings,
     device: torch.device,
+    progress: Bars | Lines,
 ) -> tuple[list[PromptRun], bool]:
     """The finished prompts, and whether Ctrl-C cut the run short."""
     done: list[PromptRun] = []
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task("warming up", total=len(prompts) * len(methods))
+    progress.phase("generations", len(prompts) * len(methods), "runs", note="warming up")
+    finished = itertools.count(1)
 
-        def step(prompt: Prompt, method: str) -> None:
-            progress.update(task, advance=1, description=f"prompt {len(done) + 1}/{len(prompts)} · {method}")
+    def step(prompt: Prompt, method: str) -> None:
+        progress.advance(next(finished), f"prompt {len(done) + 1}/{len(prompts)} · {method}")
 
-        try:
-            for run in run_eval(methods, tokenizer, prompts, settings, device, step):
-                done.append(run)
-        except KeyboardInterrupt:
-            return done, True
+    try:
+        for run in run_eval(methods, tokenizer, prompts, settings, device, step):
+            done.append(run)
+    except KeyboardInterrupt:
+        return done, True
     return done, False
 
 
@@ -167,13 +167,15 @@ def eval_command(
     if threads is not None:
         torch.set_num_threads(threads)
 
-    lm, tokenizer = load_model(model, dtype, trust_remote_code=trust_remote_code)
-    methods = build_methods(lm, schedule, chosen)
-    settings = Settings(max_new_tokens, repeats, sample, 0 if seed is None else seed)
-    source = str(prompts_path) if prompts_path else "built-in long-form"
-    categories_run = list(dict.fromkeys(p.category for p in prompts))
-    meta = rep.run_meta(model, lm, methods, settings, prompts=source, categories=categories_run, limit=limit)
-    runs, interrupted = run_with_progress(methods, tokenizer, prompts, settings, lm.device)
+    with progress_for(progress_console(), "eval", transient=True) as progress:
+        progress.stage(f"loading {model} ({dtype})")
+        lm, tokenizer = load_model(model, dtype, trust_remote_code=trust_remote_code)
+        methods = build_methods(lm, schedule, chosen)
+        settings = Settings(max_new_tokens, repeats, sample, 0 if seed is None else seed)
+        source = str(prompts_path) if prompts_path else "built-in long-form"
+        categories_run = list(dict.fromkeys(p.category for p in prompts))
+        meta = rep.run_meta(model, lm, methods, settings, prompts=source, categories=categories_run, limit=limit)
+        runs, interrupted = run_with_progress(methods, tokenizer, prompts, settings, lm.device, progress)
     report = rep.build_report([rep.prompt_record(run) for run in runs], meta, partial=interrupted)
     console = table_console()
     rep.print_report(report, console)

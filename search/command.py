@@ -8,12 +8,12 @@ from pathlib import Path
 import click
 import optuna
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from selfspec.cli_options import table_console, trust_remote_code_option
 from selfspec.errors import SelfspecError
 from selfspec.files import ensure_writable
+from selfspec.progress import Bars, Lines, progress_for
 from selfspec.schedule import Schedule
 from selfspec.wrap import wrap
 from selfspec.zoo import load_model, parse_dtype
@@ -23,48 +23,42 @@ from .anneal import fit_anneal
 from .prompts import BUILTIN, read_prompts, split
 from .surrogate import prepare
 from .teacher import greedy_continuations
-from .tune import OBJECTIVES, Measurement, Reporter, TuneConfig, TuneResult, default_storage, speedup, tune
+from .tune import (
+    OBJECTIVES,
+    Measurement,
+    Reporter,
+    TuneConfig,
+    TuneResult,
+    default_storage,
+    open_storage,
+    speedup,
+    tune,
+)
 
 
-class _Bars(Reporter):
-    """Rich progress: trials with the best predicted speedup, then timed runs with the best measured one."""
+class _Progress(Reporter):
+    """tune's progress on bars or lines: trials with the best predicted speedup, then timed runs with the best
+    measured one."""
 
-    def __init__(self, progress: Progress):
-        self.progress = progress
-        self.task: TaskID | None = None
-        self.started = 0.0
-        self.timeout: float | None = None
+    def __init__(self, display: Bars | Lines):
+        self.display = display
         self.trials_done = 0  # by this run, for the resume hint after Ctrl-C
 
     def stage(self, text: str) -> None:
-        self.progress.console.print(f"[dim]- {text}[/dim]")
-
-    def _start(self, label: str, total: int, timeout: float | None) -> None:
-        if self.task is not None:  # the stage before is over: its elapsed time stops here
-            self.progress.stop_task(self.task)
-        self.started, self.timeout = time.perf_counter(), timeout
-        self.task = self.progress.add_task(label, total=total, best="", eta="")
-
-    def _advance(self, done: int, best: str) -> None:
-        elapsed = time.perf_counter() - self.started
-        total = self.progress.tasks[self.task].total
-        left = elapsed / done * (total - done)
-        if self.timeout is not None:
-            left = min(left, max(0.0, self.timeout - elapsed))
-        self.progress.update(self.task, completed=done, best=best, eta=f"ETA {left:.0f}s")
+        self.display.stage(text)
 
     def search(self, trials: int, timeout: float | None) -> None:
-        self._start("search", trials, timeout)
+        self.display.phase("search", trials, "trials", timeout)
 
     def trial(self, done: int, best_predicted: float | None) -> None:
         self.trials_done = done
-        self._advance(done, f"best predicted {_times(best_predicted)}")
+        self.display.advance(done, f"best predicted {_times(best_predicted)}")
 
     def measure(self, runs: int, seconds: float) -> None:
-        self._start("measure", runs, seconds)
+        self.display.phase("measure", runs, "runs", seconds)
 
     def measured(self, done: int, best_speedup: float | None) -> None:
-        self._advance(done, f"best measured {_times(best_speedup)}")
+        self.display.advance(done, f"best measured {_times(best_speedup)}")
 
 
 def _times(value: float | None) -> str:
@@ -253,30 +247,25 @@ def tune_command(
         finalists=finalists,
     )
     calibration, held_out = split(read_prompts(prompts_file) if prompts_file else BUILTIN)
+    open_storage(config.storage)  # a missing driver or an unreachable server fails here, before a long load
     if threads is not None:
         torch.set_num_threads(threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # A failing trial's error reaches the command anyway; Optuna's warning would repeat it with a traceback, on
+    # Ctrl-C too.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     console = table_console()
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[best]}"),
-        TextColumn("{task.fields[eta]}"),
-        TimeElapsedColumn(),
-    )
-    bars = _Bars(Progress(*columns, console=console))
+    progress = _Progress(progress_for(console, "tune"))
     try:
-        with bars.progress:
-            console.print(f"[dim]- loading {model} ({dtype_name})[/dim]")
+        with progress.display:
+            progress.stage(f"loading {model} ({dtype_name})")
             lm, tokenizer = load_model(model, dtype_name, trust_remote_code=trust_remote_code)
-            result = tune(lm, tokenizer, label, calibration, held_out, config, bars)
+            result = tune(lm, tokenizer, label, calibration, held_out, config, progress)
     except KeyboardInterrupt:
         console.print(f"\ninterrupted: finished trials are kept in {config.storage} (study {config.study!r})")
         resume = ["selfspec", "tune", model, "--dtype", dtype_name, "--objective", objective]
         resume += ["--prompts", str(prompts_file)] if prompts_file else []
         resume += ["--storage", config.storage, "--study", config.study, "--out", str(out)]
-        resume += ["--trials", str(max(0, trials - bars.trials_done)), "--finalists", str(finalists)]
+        resume += ["--trials", str(max(0, trials - progress.trials_done)), "--finalists", str(finalists)]
         console.print(f"resume with: {shlex.join(resume)}", soft_wrap=True)
         click.get_current_context().exit(130)
     seconds = time.perf_counter() - started

@@ -7,13 +7,18 @@ trial of a study, whichever run or worker made it, is predicted on the same foot
 """
 
 import hashlib
+import os
+import socket
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -35,6 +40,14 @@ OBJECTIVES = ("speed", "speed+acceptance")
 # Measured speedups this close to 1 are within run-to-run noise; drafting must clearly pay to be chosen.
 MIN_SPEEDUP = 1.02
 MIN_ACCEPTED_LENGTH = 1.05  # predicted tokens per verify pass for a finalist
+# A running trial's worker writes a heartbeat this often; a trial whose heartbeat is older than the grace
+# period belongs to a worker that died (killed, machine lost), and the next worker to start a trial marks it
+# FAIL instead of leaving it RUNNING forever. Three beats of grace: a busy machine may delay one.
+HEARTBEAT_SECONDS = 10
+GRACE_SECONDS = 3 * HEARTBEAT_SECONDS
+STORAGE_ATTEMPTS = 3  # workers that start together on a new database race to create its tables
+# Which machine and process made a trial: shown in the study (optuna-dashboard) when workers share it.
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -99,15 +112,63 @@ def default_storage(out: Path) -> str:
     return f"sqlite:///{out.with_suffix('.db')}"
 
 
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """The Optuna RDB storage at `url`, with trial heartbeats; a bad URL, a missing driver or a server that
+    cannot be reached is a SelfspecError.
+
+    Workers that start together on a new database race to create its tables and all but one fail: those try
+    again, when the winner's tables are there.
+    """
+    # Workers sharing one SQLite file wait for each other's writes instead of failing after SQLite's 5 s.
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for _ in range(STORAGE_ATTEMPTS):
+        try:
+            with _quiet_experimental():
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS
+                )
+        except ImportError as e:
+            raise SelfspecError(_missing_driver(url, e)) from None
+        except (sqlalchemy.exc.IntegrityError, optuna.exceptions.StorageInternalError) as e:
+            error = e  # another worker created the same tables first
+            time.sleep(1.0)
+        except sqlalchemy.exc.SQLAlchemyError as e:
+            error = e
+            break
+    reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+    raise SelfspecError(f"cannot open --storage {_hide_password(url)}: {reason}") from None
+
+
+@contextmanager
+def _quiet_experimental() -> Iterator[None]:
+    """Optuna calls heartbeats experimental and warns so on every run; the warning says nothing more."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def _hide_password(url: str) -> str:
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url
+
+
+def _missing_driver(url: str, error: ImportError) -> str:
+    driver = sqlalchemy.engine.make_url(url).drivername
+    if driver in ("postgresql", "postgresql+psycopg2"):
+        return "the PostgreSQL driver is missing; pip install 'selfspec[postgres]'"
+    return f"the database driver of {driver!r} is missing ({error.__cause__ or error}); install it"
+
+
 def open_study(config: TuneConfig) -> optuna.Study:
     directions = ["maximize"] if config.objective == "speed" else ["maximize", "maximize"]
-    storage = config.storage
-    if storage.startswith("sqlite"):
-        # Workers sharing one file wait for each other's writes instead of failing after SQLite's 5 s.
-        storage = optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": {"timeout": 60}})
+    storage = open_storage(config.storage)
     study = optuna.create_study(storage=storage, study_name=config.study, directions=directions, load_if_exists=True)
     if len(study.directions) != len(directions):
         raise SelfspecError(f"study {config.study!r} was made for another --objective; choose another --study")
+    with _quiet_experimental():  # study.optimize does this before each trial; a run that only measures too
+        optuna.storages.fail_stale_trials(study)
     # Offset by the trials already there, so a resumed run does not replay the first run's random draws.
     study.sampler = optuna.samplers.TPESampler(seed=config.seed + len(study.trials))
     return study
@@ -208,20 +269,32 @@ def search(
 
 def _add(study: optuna.Study, distributions: dict, params: dict, evaluate: Callable) -> None:
     values, attrs = evaluate(params)
+    attrs["worker"] = WORKER
     trial = optuna.trial.create_trial(params=params, distributions=distributions, values=values, user_attrs=attrs)
     study.add_trial(trial)
 
 
 def _sample(study: optuna.Study, distributions: dict, evaluate: Callable) -> None:
-    trial = study.ask(distributions)
-    try:
-        values, attrs = evaluate(trial.params)
-    except BaseException:  # Ctrl-C included: the trial must not stay RUNNING in a shared study
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        raise
-    for key, value in attrs.items():
-        trial.set_user_attr(key, value)
-    study.tell(trial, values)
+    """One trial from the sampler, run by study.optimize: it first marks FAIL the trials of workers whose
+    heartbeat stopped, beats for this trial while it runs, and marks it FAIL on any error, Ctrl-C included,
+    so no trial stays RUNNING in a shared study."""
+
+    def objective(trial: optuna.Trial) -> list[float]:
+        trial.set_user_attr("worker", WORKER)  # first, so a trial left by a killed worker says whose it was
+        values, attrs = evaluate({name: _suggest(trial, name, d) for name, d in distributions.items()})
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return values
+
+    study.optimize(objective, n_trials=1)
+
+
+def _suggest(trial: optuna.Trial, name: str, d: optuna.distributions.BaseDistribution) -> object:
+    """trial.suggest_* for a distribution given as an object, as study.ask(fixed_distributions) takes them."""
+    if isinstance(d, optuna.distributions.CategoricalDistribution):
+        return trial.suggest_categorical(name, d.choices)
+    suggest = trial.suggest_int if isinstance(d, optuna.distributions.IntDistribution) else trial.suggest_float
+    return suggest(name, d.low, d.high, step=d.step, log=d.log)
 
 
 def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

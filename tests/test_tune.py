@@ -33,6 +33,22 @@ def write_prompts(path: Path) -> Path:
     return path
 
 
+def store_small_calibration(smollm2: tuple, prompts: Path, storage: str, study: str) -> None:
+    """Start `study` with small calibration texts and costs (and one trial), so the tune workers started on it
+    go straight to their search. On one torch thread: two can collapse on a busy 2-core machine."""
+    model, tokenizer = smollm2
+    calibration, held_out = split(read_prompts(prompts))
+    config = TuneConfig(
+        prompts.with_suffix(".json"), storage, study, trials=1, finalists=0, calibration_tokens=16, cost_repeats=3
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tune(model, tokenizer, "smollm2-135m", calibration, held_out, config)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def study_trials(storage: str, name: str) -> int:
     return len(completed(optuna.load_study(study_name=name, storage=storage)))
 
@@ -123,14 +139,9 @@ def test_tune_writes_a_schedule_that_runs_and_resumes(smollm2_fp32, tmp_path, on
 
 
 def test_two_workers_share_one_study(smollm2_fp32, tmp_path):
-    model, tokenizer = smollm2_fp32
     prompts = write_prompts(tmp_path / "p.jsonl")
     storage, name = f"sqlite:///{tmp_path / 'shared.db'}", "shared"
-    calibration, held_out = split(read_prompts(prompts))
-    config = TuneConfig(
-        tmp_path / "s.json", storage, name, trials=1, finalists=0, calibration_tokens=16, cost_repeats=3
-    )
-    tune(model, tokenizer, "smollm2-135m", calibration, held_out, config)  # stores the study's calibration
+    store_small_calibration(smollm2_fp32, prompts, storage, name)
 
     worker = [sys.executable, "-m", "selfspec.search.command", "smollm2-135m", "--dtype", "float32"]
     worker += ["--prompts", str(prompts), "--storage", storage, "--study", name, "--trials", "2", "--finalists", "0"]
