@@ -26,6 +26,7 @@ from selfspec.cli_options import table_console
 from selfspec.files import ensure_writable
 from selfspec.fused import FusedAdapter, engine_adapter
 from selfspec.loop import DRAFT, VERIFY
+from selfspec.lowbit import draft_weights, kernels_line
 from selfspec.progress import progress_for
 from selfspec.zoo import load_model, parse_dtype
 
@@ -127,6 +128,13 @@ def print_draft(figures: dict[str, float], rows: list[MethodTotal], gamma: int, 
     )
 
 
+def print_kernels(model: PreTrainedModel, schedule: Schedule, console: Console) -> None:
+    """Which kernels ran the schedule's low-bit draft weights, as measured when they were built."""
+    adapter = engine_adapter(model)
+    for scheme in sorted(schedule.lowbit_schemes if isinstance(adapter, FusedAdapter) else ()):
+        console.print(kernels_line(scheme, draft_weights(adapter, scheme).kernels), soft_wrap=True)
+
+
 def profile_phases(
     method: Method, input_ids: torch.Tensor, tokens: int = PROFILED_TOKENS
 ) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
@@ -225,6 +233,8 @@ def bench_command(
     gamma = schedule.max_draft if schedule is not None else 0
     draft = draft_figures(runs, gamma) if "plain·fused" in runs[0].runs else {}
     print_draft(draft, rows, gamma, console)
+    if schedule is not None:
+        print_kernels(lm, schedule, console)
     console.print(f"cpu: {cpu_flags()}, {torch.get_num_threads()} threads, {dtype}")
     if with_profile:
         input_ids = encode(tokenizer, prompts[0].text).to(lm.device)

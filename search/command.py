@@ -13,6 +13,7 @@ from rich.table import Table
 from selfspec.cli_options import table_console, trust_remote_code_option
 from selfspec.errors import SelfspecError
 from selfspec.files import ensure_writable
+from selfspec.lowbit import kernels_line
 from selfspec.progress import Bars, Lines, progress_for
 from selfspec.schedule import Schedule
 from selfspec.wrap import wrap
@@ -277,7 +278,7 @@ def tune_command(
         return
     console.print(_table(result))
     for scheme, kernels in result.schedule.meta.get("kernels", {}).items():
-        console.print(f"{scheme} kernels here: layers {kernels['layers']}, head {kernels['head']}", soft_wrap=True)
+        console.print(kernels_line(scheme, kernels), soft_wrap=True)
     console.print(_summary(result, out) + f" ({seconds:.0f}s)")
 
 

@@ -74,7 +74,7 @@ def prepare_drafts(adapter: Adapter, schedule: Schedule) -> None:
     none: low-bit weights exist for the fused forward only."""
     if schedule.max_draft == 0:
         return
-    schemes = set(schedule.body_schemes) | ({schedule.head_precision} - {"exact"})
+    schemes = schedule.lowbit_schemes
     if schemes and not isinstance(adapter, FusedAdapter):
         raise UnsupportedModelError("low-bit drafts run on the fused backend only (llama, mistral, qwen2)")
     for scheme in sorted(schemes):

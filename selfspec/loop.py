@@ -87,6 +87,7 @@ class GenerationStats:
             "acceptance_rate": round(self.acceptance_rate, 3),
             "tokens_per_second": round(self.tokens_per_second, 2),
             "layer_draft_steps": self.layer_draft_steps,
+            "layer_draft_seconds": round(self.layer_draft_seconds, 6),
             "layer_draft_step_seconds": round(self.layer_draft_step_seconds, 6),
             "layer_acceptance": round(self.layer_acceptance, 3),
             "stop_reasons": dict(self.stop_reasons),

@@ -213,6 +213,10 @@ def _build(adapter: FusedAdapter, scheme: str) -> DraftWeights:
     return DraftWeights(scheme, layers, quantized["head"], head_kernel, kernels)
 
 
+def kernels_line(scheme: str, kernels: dict[str, str]) -> str:
+    return f"{scheme} kernels here: layers {kernels['layers']}, head {kernels['head']}"
+
+
 def _said(chosen: str, times: dict[str, float]) -> str:
     """'int4pack (3.6 ms; dequantized 10.4 ms)': what ran and what it beat, per pass over the matrices."""
     others = "; ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items() if k != chosen)

@@ -151,6 +151,11 @@ class Schedule:
         """The low-bit schemes the layer draft's sublayers run."""
         return tuple(s for s in ("int8", "int4") if getattr(self, f"{s}_attn") or getattr(self, f"{s}_mlp"))
 
+    @property
+    def lowbit_schemes(self) -> set[str]:
+        """Every low-bit scheme the layer draft reads: its sublayers' and its head's."""
+        return set(self.body_schemes) | ({self.head_precision} - {"exact"})
+
     @classmethod
     def plain(cls) -> "Schedule":
         """Drafting off: the plain decoder through the same loop."""

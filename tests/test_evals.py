@@ -13,8 +13,10 @@ from selfspec.evals.command import eval_command
 from selfspec.evals.longform import longform_prompts
 from selfspec.evals.prompts import load_prompts, select
 from selfspec.evals.report import first_difference
+from selfspec.search.surrogate import leviathan_bound
 
 from selfspec import SelfspecError
+from selfspec.schedule import FORMAT
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
 RECORDS = [
@@ -148,7 +150,15 @@ def test_run_writes_table_json_and_plot(finished):
     assert report["categories"] == ["writing", "coding"]
     assert {"torch", "transformers", "selfspec", "device", "torch_threads", "dtype"} <= set(report["environment"])
     assert report["environment"]["dtype"] == "float32"
-    assert report["schedule"]["format"] == "selfspec.schedule/1"
+    assert report["schedule"]["format"] == FORMAT and report["environment"]["cpu_flags"]
+    # the default schedule drafts with layers: their live alpha, c and bound are reported against the plain loop
+    drafted = report["summary"]["all"]["selfspec"]
+    assert 0 <= drafted["layer_alpha"] <= 1 and drafted["layer_c"] > 0
+    gamma = report["schedule"]["max_draft"]
+    assert drafted["layer_bound"] == pytest.approx(
+        leviathan_bound(drafted["layer_alpha"], gamma, drafted["layer_c"]), abs=2e-3
+    )
+    assert "layer draft, measured: alpha" in result.output
     assert [r["question_id"] for r in report["records"]] == [1, 2, 3]
     assert list(report["summary"]) == ["all", "writing", "coding"]
     selfspec_all = report["summary"]["all"]["selfspec"]
