@@ -25,12 +25,13 @@ from transformers import PreTrainedModel
 import selfspec
 from selfspec import GenerationStats, SelfspecError
 from selfspec.files import write_json_atomic
+from selfspec.loop import TOTALS
 
 from .prompts import ALL
 from .runner import REFERENCE, Method, PromptRun, Settings
 
 FORMAT = "selfspec.eval/1"
-ENGINE_FIELDS = ("rounds", "drafted", "accepted", "new_tokens", "seconds", "layer_draft_steps", "layer_draft_seconds")
+ENGINE_FIELDS = TOTALS
 ENGINE_METRICS = (
     "mean_accepted_length",
     "acceptance_rate",
@@ -97,11 +98,11 @@ def summarize(records: Sequence[dict[str, Any]], gamma: int = 0) -> dict[str, di
 
 
 def layer_draft_figures(draft: GenerationStats, plain: GenerationStats, gamma: int) -> dict[str, float]:
-    """The layer draft as measured live: alpha (share of its tokens kept), c (one draft forward over one plain
+    """The layer draft as measured live: alpha (the share of its checked tokens kept), c (one draft forward over one plain
     step) and Leviathan's bound for them with `gamma` drafts a round; {} without layer drafts."""
     if not draft.layer_draft_steps or not plain.new_tokens:
         return {}
-    alpha, c = draft.layer_acceptance, draft.layer_draft_step_seconds / (plain.seconds / plain.new_tokens)
+    alpha, c = draft.layer_alpha, draft.layer_draft_step_seconds / (plain.seconds / plain.new_tokens)
     return {
         "layer_alpha": round(alpha, 3),
         "layer_c": round(c, 3),
@@ -162,7 +163,7 @@ def _engine_metrics(stats: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
 def _stats_from_dict(s: dict[str, Any]) -> GenerationStats:
     # merging real GenerationStats keeps the engine's own definitions of the derived rates
     lengths = Counter({int(k): v for k, v in s["accepted_lengths"].items()})
-    counts = {k: s.get(k, 0) for k in ENGINE_FIELDS}  # reports before layer-draft timing lack the last two
+    counts = {k: s.get(k, 0) for k in ENGINE_FIELDS}  # reports before layer-draft timing lack the last three
     by_source = {k: Counter(s.get(k, {})) for k in ("rounds_by_source", "drafted_by_source", "accepted_by_source")}
     return GenerationStats(**counts, stop_reasons=Counter(s["stop_reasons"]), accepted_lengths=lengths, **by_source)
 

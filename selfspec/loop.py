@@ -18,6 +18,9 @@ from .verify import accept_greedy, accept_sampled
 
 # Profiler ranges around each phase of a generation (`selfspec bench --profile` reads them).
 PREFILL, DRAFT, VERIFY = "selfspec.prefill", "selfspec.draft", "selfspec.verify"
+# Figures that merge by adding them up.
+TOTALS = ("rounds", "drafted", "accepted", "new_tokens", "seconds", "layer_draft_steps", "layer_draft_seconds",
+          "layer_rejections")  # fmt: skip
 # Counters that merge by adding counts (stop reasons, accepted lengths, and the per-source tallies).
 COUNTERS = ("stop_reasons", "accepted_lengths", "rounds_by_source", "drafted_by_source", "accepted_by_source")
 
@@ -33,6 +36,7 @@ class GenerationStats:
     seconds: float = 0.0
     layer_draft_steps: int = 0  # forwards the layer draft ran (one per token it looked at)
     layer_draft_seconds: float = 0.0  # time inside the layer draft's rounds before their verify passes
+    layer_rejections: int = 0  # layer-draft rounds in which the full model rejected a proposal
     stop_reasons: Counter = field(default_factory=Counter)
     accepted_lengths: Counter = field(default_factory=Counter)
     rounds_by_source: Counter = field(default_factory=Counter)
@@ -57,21 +61,15 @@ class GenerationStats:
         return self.layer_draft_seconds / self.layer_draft_steps if self.layer_draft_steps else 0.0
 
     @property
-    def layer_acceptance(self) -> float:
-        """alpha as measured live: the share of layer-drafted tokens the full model kept."""
-        drafted = self.drafted_by_source[SOURCE_LAYER]
-        return self.accepted_by_source[SOURCE_LAYER] / drafted if drafted else 0.0
+    def layer_alpha(self) -> float:
+        """Leviathan's alpha as measured live: of the layer-drafted tokens the full model checked, the share it
+        kept. Proposals after a rejection are never checked, so they do not count (kept / drafted would)."""
+        accepted = self.accepted_by_source[SOURCE_LAYER]
+        checked = accepted + self.layer_rejections
+        return accepted / checked if checked else 0.0
 
     def merge(self, other: "GenerationStats") -> None:
-        for name in (
-            "rounds",
-            "drafted",
-            "accepted",
-            "new_tokens",
-            "seconds",
-            "layer_draft_steps",
-            "layer_draft_seconds",
-        ):
+        for name in TOTALS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for name in COUNTERS:
             getattr(self, name).update(getattr(other, name))
@@ -88,8 +86,9 @@ class GenerationStats:
             "tokens_per_second": round(self.tokens_per_second, 2),
             "layer_draft_steps": self.layer_draft_steps,
             "layer_draft_seconds": round(self.layer_draft_seconds, 6),
+            "layer_rejections": self.layer_rejections,
             "layer_draft_step_seconds": round(self.layer_draft_step_seconds, 6),
-            "layer_acceptance": round(self.layer_acceptance, 3),
+            "layer_alpha": round(self.layer_alpha, 3),
             "stop_reasons": dict(self.stop_reasons),
             "rounds_by_source": dict(self.rounds_by_source),
             "drafted_by_source": dict(self.drafted_by_source),
@@ -160,3 +159,5 @@ def _count_round(stats: GenerationStats, draft: Draft, kept: int, emitted: int) 
     stats.rounds_by_source[draft.source] += 1
     stats.drafted_by_source[draft.source] += len(draft.proposals)
     stats.accepted_by_source[draft.source] += kept
+    if draft.source == SOURCE_LAYER and kept < len(draft.proposals):
+        stats.layer_rejections += 1

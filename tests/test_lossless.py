@@ -110,6 +110,19 @@ def test_drafts_are_accepted_and_counted(smollm2_fp32):
     stats = fast.last_stats
     assert stats.drafted > 0 and stats.accepted == stats.drafted
     assert stats.new_tokens == NEW_TOKENS and stats.mean_accepted_length > 4
+    assert stats.layer_alpha == 1.0 and stats.layer_rejections == 0 and stats.layer_draft_steps >= stats.drafted
+
+
+def test_live_alpha_counts_only_the_proposals_the_model_checked(smollm2_fp32):
+    """A shallow draft is often rejected mid-round; the proposals after a rejection are never checked."""
+    model, tokenizer = smollm2_fp32
+    ids, expected = reference(model, tokenizer, "explain")
+    fast = selfspec.wrap(model, selfspec.Schedule(exit_layer=10, max_draft=4))
+    assert torch.equal(fast.generate(ids, max_new_tokens=NEW_TOKENS), expected)
+    stats = fast.last_stats
+    assert stats.layer_rejections > 0
+    assert stats.layer_alpha == stats.accepted / (stats.accepted + stats.layer_rejections)
+    assert stats.layer_alpha >= stats.acceptance_rate  # kept / drafted also counts the never-checked proposals
 
 
 def test_eos_inside_a_drafted_block(smollm2_fp32):
