@@ -70,10 +70,10 @@ def schedule_of(params: dict, num_layers: int, frequent_tokens: tuple[int, ...] 
     skip_attn = tuple(i for i in kept if params[f"attn_{i}"])
     skip_mlp = tuple(i for i in kept if params[f"mlp_{i}"])
     scheme = params.get("precision", "exact")
-    lowbit = range(params.get("lowbit_from", 0), exit_layer) if scheme != "exact" else range(0)
     head_precision, head_vocab = params.get("head_precision", "exact"), params.get("head_vocab", 0)
     forms = {}
     if scheme != "exact":
+        lowbit = range(params.get("lowbit_from", 0), exit_layer)
         forms[f"{scheme}_attn"] = tuple(i for i in lowbit if i not in skip_attn)
         forms[f"{scheme}_mlp"] = tuple(i for i in lowbit if i not in skip_mlp)
     lighter = head_precision != "exact" or head_vocab > 0 or any(forms.values())
@@ -109,7 +109,7 @@ def params_for(schedule: Schedule, num_layers: int) -> dict:
         "context_min_ngram": schedule.context_min_ngram,
         "context_width": schedule.context_max_draft,
         "precision": (schedule.body_schemes or ("exact",))[0],
-        "lowbit_from": min(schedule.inexact_layers - set(schedule.skip_attn) - set(schedule.skip_mlp), default=0),
+        "lowbit_from": min(schedule.lowbit_layers, default=0),
         "head_precision": schedule.head_precision,
         "head_vocab": schedule.head_vocab,
     }

@@ -98,8 +98,7 @@ def _int4pack(q: QuantizedMatrix, dtype: torch.dtype, device: torch.device) -> C
 
 def _dequantized(q: QuantizedMatrix, dtype: torch.dtype, device: torch.device) -> Callable:
     """The same rounded values in the compute dtype, through the fused forward's own matrix product."""
-    linear = FusedLinear(q.dequantize().to(device, dtype), None, [q.shape[0]])
-    return linear
+    return FusedLinear(q.dequantize().to(device, dtype), None, [q.shape[0]])
 
 
 KERNELS: dict[str, dict[str, Callable]] = {
@@ -199,12 +198,10 @@ def _build(adapter: FusedAdapter, scheme: str) -> DraftWeights:
     kernel, runs, layer_times = fastest_kernel([quantized[f"layers.{i}.{n}"] for i, n in names], dtype, device)
     by_name = dict(zip(names, runs))
     layers = []
-    for i, (layer, base) in enumerate(zip(adapter.layers, adapter.fused)):
-        groups = layer_linears(layer)
+    for i, base in enumerate(adapter.fused):
+        # the exact layer's bias and output sizes; only the matrices change
         linears = {
-            n: LowbitLinear(
-                quantized[f"layers.{i}.{n}"], by_name[i, n], stacked(groups[n])[1], [g.out_features for g in groups[n]]
-            )  # fmt: skip
+            n: LowbitLinear(quantized[f"layers.{i}.{n}"], by_name[i, n], getattr(base, n).bias, getattr(base, n).sizes)
             for n in MATRICES
         }
         layers.append(base.with_matrices(**linears))

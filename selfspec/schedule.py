@@ -142,9 +142,14 @@ class Schedule:
         return "exact"
 
     @property
+    def lowbit_layers(self) -> set[int]:
+        """Layers with a sublayer the layer draft runs over low-bit weights."""
+        return {i for name in LOWBIT_FIELDS for i in getattr(self, name)}
+
+    @property
     def inexact_layers(self) -> set[int]:
         """Layers where the layer draft departs from the full model (a skipped or low-bit sublayer)."""
-        return {i for name in ("skip_attn", "skip_mlp", *LOWBIT_FIELDS) for i in getattr(self, name)}
+        return self.lowbit_layers | set(self.skip_attn) | set(self.skip_mlp)
 
     @property
     def body_schemes(self) -> tuple[str, ...]:
