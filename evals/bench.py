@@ -23,11 +23,13 @@ from transformers import PreTrainedModel
 import selfspec
 from selfspec import Schedule, SelfspecError
 from selfspec.cli_options import table_console
+from selfspec.compiled import decode_step, step_line
 from selfspec.files import ensure_writable
 from selfspec.fused import FusedAdapter, engine_adapter
 from selfspec.loop import DRAFT, VERIFY
 from selfspec.lowbit import draft_weights, kernels_line
 from selfspec.progress import progress_for
+from selfspec.wrap import step_mode
 from selfspec.zoo import load_model, parse_dtype
 
 from .command import progress_console, prompts_from, run_with_progress, timed_run_options
@@ -43,7 +45,7 @@ PROFILE_ROWS = 12
 def bench_methods(model: PreTrainedModel, schedule: Schedule | None) -> list[Method]:
     """generate, the plain loop per backend this model has, and speculation when a schedule is given."""
     methods = [Method(REFERENCE, model.generate)]
-    backends = ["reference", "fused"] if isinstance(engine_adapter(model), FusedAdapter) else ["reference"]
+    backends = ["reference", "eager", "compiled"] if isinstance(engine_adapter(model), FusedAdapter) else ["reference"]
     for backend in backends:
         plain = selfspec.wrap(model, Schedule.plain(), backend=backend)
         methods.append(Method(f"plain·{backend}", plain.generate, plain))
@@ -108,22 +110,30 @@ def print_bench(
     )
 
 
-def draft_figures(runs: Sequence[PromptRun], gamma: int) -> dict[str, float]:
-    """Speculation's layer draft measured live against the fused plain loop: alpha, c and Leviathan's bound."""
+def plain_loop_of(model: PreTrainedModel) -> str:
+    """The bench method that is the plain loop speculation runs on: its one-token step as wrap chose it."""
+    adapter = engine_adapter(model)
+    if not isinstance(adapter, FusedAdapter):
+        return "plain·reference"
+    return "plain·compiled" if decode_step(adapter, step_mode("auto")) is not None else "plain·eager"
+
+
+def draft_figures(runs: Sequence[PromptRun], gamma: int, plain_loop: str) -> dict[str, float]:
+    """Speculation's layer draft measured live against the plain loop it runs on: alpha, c and Leviathan's bound."""
     if "speculation" not in runs[0].runs or not gamma:
         return {}
-    draft, plain = (total_stats([run.runs[name].stats for run in runs]) for name in ("speculation", "plain·fused"))
+    draft, plain = (total_stats([run.runs[name].stats for run in runs]) for name in ("speculation", plain_loop))
     return layer_draft_figures(draft, plain, gamma)
 
 
-def print_draft(figures: dict[str, float], rows: list[MethodTotal], gamma: int, console: Console) -> None:
+def print_draft(figures: dict[str, float], rows: list[MethodTotal], gamma: int, plain_loop: str, console) -> None:
     if not figures:
         return
     by_name = {row.name: row for row in rows}
-    measured = by_name["plain·fused"].ms_per_token / by_name["speculation"].ms_per_token
+    measured = by_name[plain_loop].ms_per_token / by_name["speculation"].ms_per_token
     console.print(
         f"layer draft, measured: alpha {figures['layer_alpha']:.2f}, c {figures['layer_c']:.2f}, "
-        f"Leviathan bound {figures['layer_bound']:.3f} (gamma {gamma}); speculation × plain loop {measured:.3f} "
+        f"Leviathan bound {figures['layer_bound']:.3f} (gamma {gamma}); speculation × {plain_loop} {measured:.3f} "
         f"= {measured / figures['layer_bound']:.0%} of the bound"
     )
 
@@ -231,8 +241,11 @@ def bench_command(
     rows = totals(runs)
     print_bench(rows, floor_ms, step_weight_bytes(lm) / 1e6, bandwidth / 1e9, console)
     gamma = schedule.max_draft if schedule is not None else 0
-    draft = draft_figures(runs, gamma) if "plain·fused" in runs[0].runs else {}
-    print_draft(draft, rows, gamma, console)
+    plain_loop = plain_loop_of(lm)
+    draft = draft_figures(runs, gamma, plain_loop)
+    print_draft(draft, rows, gamma, plain_loop, console)
+    if isinstance(engine_adapter(lm), FusedAdapter):
+        console.print(step_line(engine_adapter(lm)), soft_wrap=True)
     if schedule is not None:
         print_kernels(lm, schedule, console)
     console.print(f"cpu: {cpu_flags()}, {torch.get_num_threads()} threads, {dtype}")

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 
 import selfspec
 from selfspec import GenerationStats, SelfspecError
+from selfspec.cpu import cpu_flags, cpu_name
 from selfspec.files import write_json_atomic
 from selfspec.loop import TOTALS
 
@@ -177,34 +178,11 @@ def environment(model: PreTrainedModel) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_flags": cpu_flags(),
         "torch_threads": torch.get_num_threads(),
         "dtype": str(model.dtype).removeprefix("torch."),
     }
-
-
-def _cpu_name() -> str:
-    # platform.processor() is often empty on Linux; /proc/cpuinfo has the marketing name
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> str:
-    """The instruction sets that decide which kernels are fast here (speed figures differ between them)."""
-    try:
-        flags = set(
-            next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-        )
-    except (OSError, StopIteration):
-        return "unknown"
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "avx_vnni")
-    return " ".join(flag for flag in wanted if flag in flags) or "none of " + " ".join(wanted)
 
 
 def run_meta(

@@ -42,6 +42,22 @@ class PositionedCache(Cache):
         self.visible: int | None = None
         super().__init__(layers=[_PositionedLayer(max_len, self) for _ in range(num_layers)])
 
+    def allocate(self, config, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate every layer's [1, H_kv, max_len, head_dim] buffers now (a compiled step writes into them, so
+        they must exist before the first eager write would make them)."""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (1, config.num_key_value_heads, 1, head_dim)
+        for layer in self.layers:
+            if not layer.is_initialized:
+                layer.lazy_initialization(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype,
+                                          device=device))  # fmt: skip
+
+    def key_buffers(self) -> list[torch.Tensor]:
+        return [layer.keys for layer in self.layers]  # each [1, H_kv, max_len, head_dim]
+
+    def value_buffers(self) -> list[torch.Tensor]:
+        return [layer.values for layer in self.layers]
+
     def write_at(self, positions: torch.Tensor, visible: int | None) -> None:
         """Set where the next forward writes (positions [T]) and how many key positions it may read."""
         self.positions = positions

@@ -11,6 +11,7 @@ Only families whose layer is exactly llama's (RMSNorm, rotary q/k, SiLU-gated ML
 and `backend="reference"`, run the model's own modules through `Adapter`.
 """
 
+import os
 import weakref
 from dataclasses import dataclass, replace
 
@@ -21,9 +22,14 @@ from transformers import PreTrainedModel
 
 from .adapter import Adapter, adapter_for
 from .errors import GenerationInputError, UnsupportedModelError
+from .graph_ops import attend_one, kernel_handle, registered_linear
 
 FUSED_FAMILIES = ("llama", "mistral", "qwen2")
-BACKENDS = ("auto", "fused", "reference")
+# auto and fused: the fused forward, its one-token step compiled where that measured faster (`selfspec.compiled`);
+# eager: the fused forward, never compiled; compiled: always compiled; reference: the model's own modules.
+BACKENDS = ("auto", "fused", "eager", "compiled", "reference")
+# Set to 0 to keep bfloat16 matrices off oneDNN's packed kernels (how a CPU without them runs).
+PACKED_ENV = "SELFSPEC_PACKED_BF16"
 
 # model -> {(dtype, device): the fused adapter built for them}
 _built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -38,8 +44,11 @@ class FusedLinear:
         self.packed = _packs(weight)
         # oneDNN's packed layout is opaque; the plain copy is dropped once packed
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
+        self.handle = kernel_handle(self)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return registered_linear(x, self.handle, sum(self.sizes))
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -65,6 +74,7 @@ def _packs(weight: torch.Tensor) -> bool:
     return (
         weight.device.type == "cpu"
         and weight.dtype == torch.bfloat16
+        and os.environ.get(PACKED_ENV, "1") != "0"
         and torch.backends.mkldnn.is_available()
         and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     )
@@ -136,6 +146,9 @@ class FusedAdapter(Adapter):
         q, k, v = (t.view(batch, count, -1, layer.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, H, T, hd]
         cos, sin = (t.unsqueeze(1) for t in rope)  # [1, 1, T, hd]
         keys, values = cache.update(rotate(k, cos, sin), v, i)  # [B, H_kv, visible, hd]
+        if torch.compiler.is_compiling() and count == 1 and mask is None:
+            out = attend_one(rotate(q, cos, sin), keys, values, layer.scaling)
+            return layer.o(out.transpose(1, 2).reshape(batch, count, -1))
         out = F.scaled_dot_product_attention(
             rotate(q, cos, sin), keys, values, attn_mask=mask, scale=layer.scaling, enable_gqa=True,
             is_causal=mask is None and count > 1,

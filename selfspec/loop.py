@@ -126,9 +126,7 @@ def decode(
             stats.layer_draft_steps += draft.steps
             stats.layer_draft_seconds += time.perf_counter() - round_started
         with record_function(VERIFY):
-            span = runner.span(draft.states, position)
-            h = runner.layers(draft.states, span, draft.verify_start, num_layers)
-            logits = runner.logits(h)[0]  # [len(inputs), V]
+            logits = runner.verify(draft.states, position, draft.verify_start)  # [len(inputs), V]
         if sampler.do_sample:
             kept, extra = accept_sampled(draft.proposals, draft.draft_probs, logits, sampler)
         else:

@@ -38,9 +38,10 @@ EXACT = Plan()
 
 
 class Runner:
-    def __init__(self, adapter: Adapter, cache: PositionedCache):
+    def __init__(self, adapter: Adapter, cache: PositionedCache, step=None):
         self.adapter = adapter
         self.cache = cache
+        self.step = step  # a `CompiledStep` for one-token full-depth passes, or None (eager)
 
     def embed(self, token_ids: list[int]) -> torch.Tensor:
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.cache_device)
@@ -80,3 +81,11 @@ class Runner:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.adapter.logits(h)  # [1, T, V]
+
+    def verify(self, states: torch.Tensor, position: int, first: int) -> torch.Tensor:
+        """Logits [T, V] of layers [first, L) and the head over states [1, T, D] at positions [position, +T)."""
+        if self.step is not None and first == 0 and states.shape[1] == 1 and position > 0:
+            # position 0 would give the compiled graph a key length of 1, which it specialises on: eager there
+            return self.step.run(states, position, self.cache.key_buffers(), self.cache.value_buffers())[0]
+        h = self.layers(states, self.span(states, position), first, self.adapter.num_layers)
+        return self.logits(h)[0]

@@ -5,6 +5,7 @@ silently ignored, because a silently dropped setting would change the output.
 """
 
 import copy
+import os
 import warnings
 from typing import Any
 
@@ -12,15 +13,17 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, StoppingCriteriaList
 
 from .cache import PositionedCache
+from .compiled import decode_step
 from .drafting import drafter_for, prepare_drafts
 from .errors import GenerationInputError, ScheduleError
 from .fingerprint import model_fingerprint
-from .fused import engine_adapter
+from .fused import FusedAdapter, engine_adapter
 from .loop import GenerationStats, decode
 from .runner import Runner
 from .sampling import Sampler
 from .schedule import Schedule
 
+STEP_ENV = "SELFSPEC_DECODE_STEP"
 # generate() arguments that are generation-config fields this engine implements.
 CONFIG_KWARGS = {
     "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
@@ -35,6 +38,17 @@ UNSUPPORTED_IF_SET = {
     "guidance_scale": None, "watermarking_config": None, "top_h": None, "output_scores": False,
     "output_logits": False, "return_dict_in_generate": False, "assistant_model": None, "prompt_lookup_num_tokens": None,
 }  # fmt: skip
+
+
+def step_mode(backend: str) -> str:
+    """How the fused forward runs one-token passes: eager, compiled, or auto (compiled where it measured faster).
+    SELFSPEC_DECODE_STEP sets what auto and fused mean (auto, eager or compiled)."""
+    if backend in ("eager", "compiled"):
+        return backend
+    mode = os.environ.get(STEP_ENV, "auto")
+    if mode not in ("auto", "eager", "compiled"):
+        raise GenerationInputError(f"{STEP_ENV} must be auto, eager or compiled, not {mode!r}")
+    return mode
 
 
 def default_schedule(num_layers: int) -> Schedule:
@@ -52,6 +66,7 @@ class SpeculativeModel:
     def __init__(self, model: PreTrainedModel, schedule: Schedule | None = None, backend: str = "auto"):
         self._model = model
         self._adapter = engine_adapter(model, backend)
+        self._step_mode = step_mode(backend) if isinstance(self._adapter, FusedAdapter) else "eager"
         num_layers = self._adapter.num_layers
         self.schedule = (schedule or default_schedule(num_layers)).validate_for(num_layers)
         self.schedule.validate_vocab(self._adapter.lm_head.weight.shape[0])
@@ -110,7 +125,10 @@ class SpeculativeModel:
         schedule = self.schedule
         # a round never writes past the last position generated, so the prompt plus max_new always suffices
         cache = PositionedCache(self._adapter.num_layers, len(prompt) + max_new)
-        runner = Runner(self._adapter, cache)
+        step = decode_step(self._adapter, self._step_mode)
+        if step is not None:
+            cache.allocate(self._model.config, self._adapter.lm_head.weight.dtype, self._adapter.lm_head.weight.device)
+        runner = Runner(self._adapter, cache, step)
         return decode(runner, drafter_for(runner, schedule), prompt, max_new, sampler, eos, emit)
 
     def _config(self, kwargs: dict[str, Any]) -> GenerationConfig:
@@ -158,7 +176,9 @@ def wrap(model: PreTrainedModel, schedule: Schedule | None = None, backend: str 
     """Wrap `model` for self-speculative generation; schedule None means an untuned default.
 
     backend: "fused" runs derived fused copies of the weights (`selfspec.fused`), "reference" the model's own
-    modules; "auto" takes fused where the architecture allows it.
+    modules; "auto" takes fused where the architecture allows it. The fused forward's one-token step is compiled
+    where that measured faster on this machine (`selfspec.compiled`); "eager" never compiles it, "compiled"
+    always does.
     """
     return SpeculativeModel(model, schedule, backend)
 

@@ -1,5 +1,7 @@
 """Shared fixtures: real zoo models, built into the selfspec cache on first use."""
 
+import os
+
 import pytest
 import torch
 
@@ -7,6 +9,9 @@ from selfspec.zoo import load_model
 
 # CI runners and the dev box have 2 cores; more threads only adds contention
 torch.set_num_threads(2)
+# Tests that want the compiled one-token step ask for it (backend="compiled"); elsewhere the step stays eager, so
+# no test pays a compile it does not test, and tune's and eval's tests time the same step on every machine.
+os.environ.setdefault("SELFSPEC_DECODE_STEP", "eager")
 
 
 @pytest.fixture(scope="session")

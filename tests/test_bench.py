@@ -52,7 +52,7 @@ def test_bench_times_every_loop_and_profiles_draft_and_verify(model_loads, tmp_p
     assert result.exit_code == 0, result.output
     figures = json.loads(out.read_text())
     names = [m["name"] for m in figures["methods"]]
-    assert names == ["generate", "plain·reference", "plain·fused", "speculation"]
+    assert names == ["generate", "plain·reference", "plain·eager", "plain·compiled", "speculation"]
     for method in figures["methods"]:
         assert method["prompts"] == 1 and method["tokens"] == 8 and method["ms_per_token"] > 0
         assert method["identical"] == 1, method  # float32: every loop gives generate's tokens
