@@ -30,8 +30,8 @@ from .runner import EXACT, Runner, Span
 from .zoo import cache_root
 
 RECORD_VERSION = 1
-TIMED_STEPS = 12  # per round of the eager-or-compiled measurement
-TIMED_ROUNDS = 3
+TIMED_STEPS = 8  # per round of the eager-or-compiled measurement
+TIMED_ROUNDS = 6
 TIMED_KEYS = 256  # the key length the measurement runs at: a typical prompt plus part of a reply
 # Room for every model and dtype a process compiles (dynamo's default is 8 graphs a function, then eager).
 RECOMPILE_LIMIT = 64

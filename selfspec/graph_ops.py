@@ -1,8 +1,7 @@
-"""What the fused forward runs differently inside a compiled graph (`selfspec.compiled`).
+"""How a compiled graph (`selfspec.compiled`) calls the fused forward's matrix products.
 
-Matrix products call the eager kernel objects by handle through one custom op, so a graph holds no weights:
-oneDNN's packed weights are opaque to tracing, and a graph without weight constants is one inductor can keep in
-its on-disk cache. One-query attention is written as two reductions that inductor fuses.
+They call the eager kernel objects by handle through one custom op, so a graph holds no weights: oneDNN's packed
+weights are opaque to tracing, and a graph without weight constants is one inductor can keep in its on-disk cache.
 """
 
 import weakref
@@ -44,18 +43,3 @@ torch.library.register_fake("selfspec::linear", _linear_shape, lib=_library)
 def registered_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
     """The registered kernel's product: x [..., K] -> [..., out_features]."""
     return torch.ops.selfspec.linear(x, handle, out_features)
-
-
-def attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of one query over every key given: q [1, H, 1, hd]; keys, values [1, H_kv, S, hd] -> [1, H, 1, hd].
-
-    Inductor lowers SDPA over a key length that changes from call to call to a path that slows as S grows; this
-    form stays at the speed of reading K/V once.
-    """
-    batch, heads, _, dim = q.shape
-    kv_heads = keys.shape[1]
-    q = q.view(batch, kv_heads, heads // kv_heads, 1, dim).float()  # the heads of a group share their K/V
-    scores = (q * keys[:, :, None].float()).sum(-1) * scale  # [1, H_kv, G, S]
-    weights = scores.softmax(-1)
-    out = (weights[..., None] * values[:, :, None].float()).sum(-2)  # [1, H_kv, G, hd]
-    return out.to(values.dtype).view(batch, heads, 1, dim)
