@@ -29,7 +29,7 @@ from .fused import FusedAdapter
 from .runner import EXACT, Runner, Span
 from .zoo import cache_root
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 TIMED_STEPS = 8  # per round of the eager-or-compiled measurement
 TIMED_ROUNDS = 6
 TIMED_KEYS = 256  # the key length the measurement runs at: a typical prompt plus part of a reply
