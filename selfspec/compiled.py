@@ -27,7 +27,7 @@ from .files import write_json_atomic
 from .fingerprint import model_fingerprint
 from .fused import FusedAdapter
 from .runner import EXACT, Runner, Span
-from .zoo import cache_root
+from .zoo import cache_root, first_line
 
 RECORD_VERSION = 2
 TIMED_STEPS = 8  # per round of the eager-or-compiled measurement
@@ -148,24 +148,17 @@ def load_record(path: Path) -> StepRecord | None:
 def measure(adapter: FusedAdapter) -> tuple[StepRecord, CompiledStep]:
     """Compile the step, then time it against the eager step on a scratch cache, alternating rounds."""
     cache = scratch_cache(adapter, TIMED_KEYS + TIMED_STEPS)
-    runner = Runner(adapter, cache)
-    compiled = CompiledStep(adapter)
+    compiled = adapter.derived.get("step") or CompiledStep(adapter)  # one graph per adapter, timed as it will run
+    eager, graph = Runner(adapter, cache), Runner(adapter, cache, compiled)
     h = adapter.embed(torch.zeros(1, 1, dtype=torch.long, device=adapter.lm_head.weight.device))  # [1, 1, D]
-
-    def eager(position: int) -> None:
-        runner.logits(runner.layers(h, runner.span(h, position), 0, adapter.num_layers))
-
-    def graph(position: int) -> None:
-        compiled.run(h, position, cache.key_buffers(), cache.value_buffers())
-
-    graph(TIMED_KEYS)  # compiles, or loads the compile from inductor's cache
+    graph.verify(h, TIMED_KEYS, 0)  # compiles, or loads the compile from inductor's cache
     best = {eager: float("inf"), graph: float("inf")}
     for _ in range(TIMED_ROUNDS):
-        for step in best:
+        for runner in best:
             started = time.perf_counter()
             for i in range(TIMED_STEPS):
-                step(TIMED_KEYS + i)
-            best[step] = min(best[step], (time.perf_counter() - started) / TIMED_STEPS)
+                runner.verify(h, TIMED_KEYS + i, 0)
+            best[runner] = min(best[runner], (time.perf_counter() - started) / TIMED_STEPS)
     return StepRecord(1e3 * best[eager], 1e3 * best[graph], compiled.compile_seconds), compiled
 
 
@@ -200,7 +193,7 @@ def _compiled_wins(adapter: FusedAdapter) -> bool:
     try:
         record, adapter.derived["step"] = measure(adapter)
     except Exception as e:  # noqa: BLE001 - no compiler, or an op inductor cannot lower: eager is always there
-        print(f"selfspec: the decode step did not compile ({_first_line(e)}); decoding eager", file=sys.stderr)
+        print(f"selfspec: the decode step did not compile ({first_line(e)}); decoding eager", file=sys.stderr)
         record = StepRecord(eager_ms=0.0, compiled_ms=None, compile_seconds=0.0)
     write_json_atomic(path, record.__dict__ | {"compiled_wins": record.compiled_wins})
     if record.compiled_ms is not None:
@@ -210,11 +203,6 @@ def _compiled_wins(adapter: FusedAdapter) -> bool:
             file=sys.stderr,
         )
     return record.compiled_wins
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def step_line(adapter: FusedAdapter) -> str:

@@ -510,18 +510,18 @@ def load_model(
         except OSError as e:
             # hub ids end up here when the hub is unreachable or the repo does not exist
             hint = "" if isinstance(source, Path) else f" (zoo names: {', '.join(ZOO)})"
-            raise ModelNotFoundError(f"cannot load {name_or_path!r}{hint}: {_first_line(e)}") from e
+            raise ModelNotFoundError(f"cannot load {name_or_path!r}{hint}: {first_line(e)}") from e
         except ValueError as e:
             if "custom code" in str(e) or "trust_remote_code" in str(e):
                 raise UnsupportedModelError(
                     f"{name_or_path!r} ships its own modelling code, which selfspec never runs by default; "
                     "pass --trust-remote-code (trust_remote_code=True) only for a model you trust"
                 ) from None
-            raise UnsupportedModelError(f"cannot load {name_or_path!r}: {_first_line(e)}") from e
+            raise UnsupportedModelError(f"cannot load {name_or_path!r}: {first_line(e)}") from e
     model.eval()
     return model, tokenizer
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
