@@ -29,7 +29,7 @@ from .fused import FusedAdapter
 from .runner import EXACT, Runner, Span
 from .zoo import cache_root, first_line
 
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 TIMED_STEPS = 8  # per round of the eager-or-compiled measurement
 TIMED_ROUNDS = 6
 TIMED_KEYS = 256  # the key length the measurement runs at: a typical prompt plus part of a reply
@@ -53,11 +53,16 @@ class StaticKV:
 
 
 def full_step(
-    adapter: FusedAdapter, h: torch.Tensor, positions: torch.Tensor, keys: list, values: list
+    adapter: FusedAdapter, h: torch.Tensor, positions: torch.Tensor, keys: list, values: list, key_range: torch.Tensor
 ) -> torch.Tensor:
-    """Every layer and the LM head for one token h [1, 1, D] at positions [1] -> logits [1, 1, V]; the cache views
-    cover exactly the keys it reads, [0, position]."""
-    cache = StaticKV(keys, values, positions)
+    """Every layer and the LM head for one token h [1, 1, D] at positions [1] -> logits [1, 1, V].
+
+    keys/values are the whole per-layer buffers [1, H_kv, S, hd]; the step reads their first n positions, n being
+    key_range's length [n]: a size the graph takes as a symbol, so one graph serves every position and cache length
+    (views sliced outside would carry the buffer's length in their strides, and a view that happened to be the
+    whole buffer would be traced as contiguous, a second graph)."""
+    visible = key_range.shape[0]
+    cache = StaticKV([k[:, :, :visible] for k in keys], [v[:, :, :visible] for v in values], positions)
     runner = Runner(adapter, cache)
     rope = adapter.position_embeddings(h, positions)
     span = Span(0, 1, rope, None)
@@ -84,16 +89,16 @@ class CompiledStep:
 
     def run(self, h: torch.Tensor, position: int, keys: list, values: list) -> torch.Tensor:
         """Logits [1, 1, V] for h [1, 1, D] at `position`; keys/values: the full per-layer buffers."""
-        visible = position + 1
-        keys = [k[:, :, :visible] for k in keys]
-        values = [v[:, :, :visible] for v in values]
         for t in keys + values:
-            torch._dynamo.mark_dynamic(t, 2)
+            if not hasattr(t, "_dynamo_dynamic_indices"):
+                torch._dynamo.mark_dynamic(t, 2)
+        key_range = torch.empty(position + 1, dtype=torch.int8, device=h.device)
+        torch._dynamo.mark_dynamic(key_range, 0)
         positions = torch.tensor([position], device=h.device)
         if self.compile_seconds is not None:
-            return self._step(self.adapter, h, positions, keys, values)
+            return self._step(self.adapter, h, positions, keys, values, key_range)
         started = time.perf_counter()
-        logits = self._step(self.adapter, h, positions, keys, values)
+        logits = self._step(self.adapter, h, positions, keys, values, key_range)
         self.compile_seconds = time.perf_counter() - started
         return logits
 
@@ -147,7 +152,7 @@ def load_record(path: Path) -> StepRecord | None:
 @torch.inference_mode()
 def measure(adapter: FusedAdapter) -> tuple[StepRecord, CompiledStep]:
     """Compile the step, then time it against the eager step on a scratch cache, alternating rounds."""
-    cache = scratch_cache(adapter, TIMED_KEYS + TIMED_STEPS)
+    cache = scratch_cache(adapter, TIMED_KEYS + TIMED_STEPS + 1)
     compiled = adapter.derived.get("step") or CompiledStep(adapter)  # one graph per adapter, timed as it will run
     eager, graph = Runner(adapter, cache), Runner(adapter, cache, compiled)
     h = adapter.embed(torch.zeros(1, 1, dtype=torch.long, device=adapter.lm_head.weight.device))  # [1, 1, D]

@@ -84,8 +84,9 @@ class Runner:
 
     def verify(self, states: torch.Tensor, position: int, first: int) -> torch.Tensor:
         """Logits [T, V] of layers [first, L) and the head over states [1, T, D] at positions [position, +T)."""
-        if self.step is not None and first == 0 and states.shape[1] == 1 and position > 0:
-            # position 0 would give the compiled graph a key length of 1, which it specialises on: eager there
+        if self.step is not None and first == 0 and states.shape[1] == 1 and 0 < position < self.cache.max_len - 1:
+            # The compiled graph takes the key length as a symbol: a length of 1 (position 0), or one equal to the
+            # buffer's (keys contiguous), would each be traced as a special case, another graph: eager there.
             return self.step.run(states, position, self.cache.key_buffers(), self.cache.value_buffers())[0]
         h = self.layers(states, self.span(states, position), first, self.adapter.num_layers)
         return self.logits(h)[0]

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from test_architectures import SCHEDULES, tiny
+from torch._dynamo.utils import counters
 
 import selfspec
 from selfspec import compiled
@@ -25,6 +26,18 @@ def test_compiled_step_matches_generate(family):
             fast = selfspec.wrap(model, schedule, backend="compiled")
             assert torch.equal(fast.generate(ids, max_new_tokens=20), expected), schedule
     assert engine_adapter(model).derived["step"].compile_seconds > 0  # the graph ran
+
+
+def test_one_graph_serves_every_position_and_cache_length():
+    model = tiny("llama")
+    fast = selfspec.wrap(model, backend="compiled")
+    graphs = counters["stats"]["unique_graphs"]
+    for length, new_tokens in ((9, 12), (3, 30), (25, 4), (2, 2)):  # cache lengths 21, 33, 29, 4; steps reach the end
+        ids = torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(length))
+        expected = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+        assert torch.equal(fast.generate(ids, max_new_tokens=new_tokens), expected)
+    compiled.measure(engine_adapter(model))  # its scratch cache, timed up to its last position
+    assert counters["stats"]["unique_graphs"] == graphs + 1
 
 
 def test_auto_measures_once_and_keeps_the_record(tmp_path, monkeypatch):
