@@ -24,6 +24,7 @@ import selfspec
 from selfspec import Schedule, SelfspecError
 from selfspec.cli_options import table_console
 from selfspec.compiled import decode_step, step_line
+from selfspec.cpu import cpu_flags, kernel_setting
 from selfspec.files import ensure_writable
 from selfspec.fused import FusedAdapter, engine_adapter
 from selfspec.loop import DRAFT, VERIFY
@@ -35,7 +36,7 @@ from selfspec.zoo import load_model, parse_dtype
 from .command import progress_console, prompts_from, run_with_progress, timed_run_options
 from .floor import floor_seconds_per_token, read_bandwidth, step_weight_bytes
 from .prompts import encode
-from .report import cpu_flags, layer_draft_figures, total_stats
+from .report import layer_draft_figures, total_stats
 from .runner import REFERENCE, Method, PromptRun, Settings
 
 PROFILED_TOKENS = 32  # the profiler's own bookkeeping grows with the ops it records; 32 tokens show the pattern
@@ -115,7 +116,8 @@ def plain_loop_of(model: PreTrainedModel) -> str:
     adapter = engine_adapter(model)
     if not isinstance(adapter, FusedAdapter):
         return "plain·reference"
-    return "plain·compiled" if decode_step(adapter, step_mode("auto")) is not None else "plain·eager"
+    compiled = decode_step(adapter, step_mode("auto"))
+    return "plain·compiled" if compiled is not None and compiled.bucket(1) else "plain·eager"
 
 
 def draft_figures(runs: Sequence[PromptRun], gamma: int, plain_loop: str) -> dict[str, float]:
@@ -248,7 +250,7 @@ def bench_command(
         console.print(step_line(engine_adapter(lm)), soft_wrap=True)
     if schedule is not None:
         print_kernels(lm, schedule, console)
-    console.print(f"cpu: {cpu_flags()}, {torch.get_num_threads()} threads, {dtype}")
+    console.print(f"cpu: {kernel_setting()}; {torch.get_num_threads()} threads, {dtype}")
     if with_profile:
         input_ids = encode(tokenizer, prompts[0].text).to(lm.device)
         tokens = min(PROFILED_TOKENS, max_new_tokens)
@@ -263,7 +265,7 @@ def bench_command(
             print_profile(method.name, by_phase, calls, console)
     if out_path is not None:
         figures = {
-            "model": model, "dtype": dtype, "threads": torch.get_num_threads(), "cpu_flags": cpu_flags(),
+            "model": model, "dtype": dtype, "threads": torch.get_num_threads(), "cpu_flags": cpu_flags(), "kernels": kernel_setting(),
             "prompts": len(runs), "layer_draft": draft,
             "max_new_tokens": max_new_tokens, "read_bandwidth_gbs": bandwidth / 1e9, "floor_ms_per_token": floor_ms,
             "methods": [{**asdict(r), "ms_per_token": r.ms_per_token, "tokens_per_second": r.tokens_per_second}

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 
 import selfspec
 from selfspec import GenerationStats, SelfspecError
-from selfspec.cpu import cpu_flags, cpu_name
+from selfspec.cpu import cpu_flags, cpu_name, kernel_setting
 from selfspec.files import write_json_atomic
 from selfspec.loop import TOTALS
 
@@ -180,6 +180,7 @@ def environment(model: PreTrainedModel) -> dict[str, Any]:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_flags": cpu_flags(),
+        "kernels": kernel_setting(),
         "torch_threads": torch.get_num_threads(),
         "dtype": str(model.dtype).removeprefix("torch."),
     }

@@ -22,19 +22,26 @@ from pathlib import Path
 import torch
 
 from .cache import PositionedCache
-from .cpu import cpu_flags
+from .cpu import kernel_setting
 from .files import write_json_atomic
 from .fingerprint import model_fingerprint
 from .fused import FusedAdapter
 from .runner import EXACT, Runner, Span
 from .zoo import cache_root, first_line
 
-RECORD_VERSION = 3
-TIMED_STEPS = 8  # per round of the eager-or-compiled measurement
+RECORD_VERSION = 4
+# Verify widths with a graph of their own; a full-depth pass of another width is padded up to the next one, and
+# a wider one runs eager.
+BUCKETS = (1, 2, 4, 8, 16)
+TIMED_STEPS = 8  # per round of an eager-or-compiled measurement
 TIMED_ROUNDS = 6
 TIMED_KEYS = 256  # the key length the measurement runs at: a typical prompt plus part of a reply
-# Room for every model and dtype a process compiles (dynamo's default is 8 graphs a function, then eager).
+# Room for every model, dtype and bucket a process compiles (dynamo's default is 8 graphs a function, then eager).
 RECOMPILE_LIMIT = 64
+
+
+def bucket_for(width: int) -> int | None:
+    return next((bucket for bucket in BUCKETS if bucket >= width), None)
 
 
 @dataclass
@@ -65,16 +72,20 @@ def full_step(
     cache = StaticKV([k[:, :, :visible] for k in keys], [v[:, :, :visible] for v in values], positions)
     runner = Runner(adapter, cache)
     rope = adapter.position_embeddings(h, positions)
-    span = Span(0, 1, rope, None)
+    mask = None
+    if h.shape[1] > 1:
+        keys_at = torch.arange(visible, device=h.device)
+        mask = (keys_at[None, :] <= positions[:, None])[None, None]  # [1, 1, T, visible]
+    span = Span(0, h.shape[1], rope, mask)
     return runner.logits(runner.layers(h, span, 0, adapter.num_layers, EXACT))
 
 
 class CompiledStep:
-    """`full_step` compiled for one adapter; `run` takes the eager loop's cache and position."""
+    """`full_step` compiled for one adapter, a graph per bucket width; `run` takes the eager loop's cache."""
 
     def __init__(self, adapter: FusedAdapter):
         self.adapter = adapter
-        self.compile_seconds: float | None = None
+        self.compile_seconds: dict[int, float] = {}  # bucket -> its first call (a compile, or a load from disk)
         use_selfspec_inductor_cache()
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         # Guards on the adapter's objects (~1,700 of them, a millisecond a call) are dropped: a copy of the function
@@ -88,19 +99,41 @@ class CompiledStep:
         )
 
     def run(self, h: torch.Tensor, position: int, keys: list, values: list) -> torch.Tensor:
-        """Logits [1, 1, V] for h [1, 1, D] at `position`; keys/values: the full per-layer buffers."""
+        """Logits [1, T, V] for h [1, T, D] (T a bucket) at positions [position, +T); keys/values: the full per-layer
+        buffers, which must hold more than position + T positions."""
         for t in keys + values:
             if not hasattr(t, "_dynamo_dynamic_indices"):
                 torch._dynamo.mark_dynamic(t, 2)
-        key_range = torch.empty(position + 1, dtype=torch.int8, device=h.device)
+        width = h.shape[1]
+        key_range = torch.empty(position + width, dtype=torch.int8, device=h.device)
         torch._dynamo.mark_dynamic(key_range, 0)
-        positions = torch.tensor([position], device=h.device)
-        if self.compile_seconds is not None:
+        positions = torch.arange(position, position + width, device=h.device)
+        if width in self.compile_seconds:
             return self._step(self.adapter, h, positions, keys, values, key_range)
         started = time.perf_counter()
         logits = self._step(self.adapter, h, positions, keys, values, key_range)
-        self.compile_seconds = time.perf_counter() - started
+        self.compile_seconds[width] = time.perf_counter() - started
         return logits
+
+
+class CompiledPasses:
+    """Which full-depth passes a decode runs compiled: every bucket (mode "compiled"), or those measured faster
+    than eager on this machine ("auto")."""
+
+    def __init__(self, step: CompiledStep, wins: dict[int, bool] | None = None):
+        self.step = step
+        self.wins = wins  # bucket -> compiled measured faster; None: every bucket compiled
+
+    def bucket(self, width: int) -> int | None:
+        """The bucket a pass of `width` tokens runs compiled in, or None (eager)."""
+        bucket = bucket_for(width)
+        if bucket is None or self.wins is None:
+            return bucket
+        return bucket if self.wins.get(bucket) else None
+
+    def run(self, h: torch.Tensor, position: int, keys: list, values: list) -> torch.Tensor:
+        """Logits [1, T, V] of the bucket-wide h [1, T, D]."""
+        return self.step.run(h, position, keys, values)
 
 
 def _function_copy(function: types.FunctionType, name: str) -> types.FunctionType:
@@ -120,7 +153,8 @@ def use_selfspec_inductor_cache() -> None:
 
 @dataclass
 class StepRecord:
-    """What the first use on this machine measured: one-token step times, eager and compiled, and the compile."""
+    """What the first use on this machine measured for one bucket: pass times, eager and compiled, and the
+    compile."""
 
     eager_ms: float
     compiled_ms: float | None  # None: it did not compile here
@@ -132,30 +166,37 @@ class StepRecord:
 
 
 def record_path(adapter: FusedAdapter) -> Path:
-    """Where the measurement for this model, dtype, CPU, thread count and torch version is kept."""
+    """Where the measurements for this model, dtype, CPU, kernels, thread count and torch version are kept."""
     dtype = str(adapter.lm_head.weight.dtype).removeprefix("torch.")
-    machine = f"{cpu_flags()}|{torch.__version__}|{torch.get_num_threads()} threads"
+    machine = f"{kernel_setting()}|{torch.__version__}|{torch.get_num_threads()} threads"
     key = hashlib.sha256(machine.encode()).hexdigest()[:12]
     return cache_root() / "steps" / f"{model_fingerprint(adapter.model)}-{dtype}-{key}-v{RECORD_VERSION}.json"
 
 
-def load_record(path: Path) -> StepRecord | None:
+def load_records(path: Path) -> dict[int, StepRecord]:
+    """bucket -> its record; a missing or damaged file reads as nothing measured."""
     try:
         data = json.loads(path.read_text())
-        compiled = data["compiled_ms"]
-        return StepRecord(float(data["eager_ms"]), None if compiled is None else float(compiled),
-                          float(data["compile_seconds"]))  # fmt: skip
-    except (OSError, ValueError, KeyError, TypeError):  # missing or damaged: measured again
-        return None
+        return {int(width): _record_of(entry) for width, entry in data.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _record_of(entry: dict) -> StepRecord:
+    compiled = entry["compiled_ms"]
+    return StepRecord(float(entry["eager_ms"]), None if compiled is None else float(compiled),
+                      float(entry["compile_seconds"]))  # fmt: skip
 
 
 @torch.inference_mode()
-def measure(adapter: FusedAdapter) -> tuple[StepRecord, CompiledStep]:
-    """Compile the step, then time it against the eager step on a scratch cache, alternating rounds."""
-    cache = scratch_cache(adapter, TIMED_KEYS + TIMED_STEPS + 1)
-    compiled = adapter.derived.get("step") or CompiledStep(adapter)  # one graph per adapter, timed as it will run
-    eager, graph = Runner(adapter, cache), Runner(adapter, cache, compiled)
-    h = adapter.embed(torch.zeros(1, 1, dtype=torch.long, device=adapter.lm_head.weight.device))  # [1, 1, D]
+def measure(adapter: FusedAdapter, width: int = 1) -> StepRecord:
+    """Time the compiled pass of `width` (a bucket) against the eager one on a scratch cache, alternating rounds;
+    the graph timed is the adapter's own, the one decoding will run."""
+    cache = scratch_cache(adapter, TIMED_KEYS + TIMED_STEPS + width)
+    step = compiled_step(adapter)
+    eager, graph = Runner(adapter, cache), Runner(adapter, cache, CompiledPasses(step))
+    ids = torch.zeros(1, width, dtype=torch.long, device=adapter.lm_head.weight.device)
+    h = adapter.embed(ids)  # [1, width, D]
     graph.verify(h, TIMED_KEYS, 0)  # compiles, or loads the compile from inductor's cache
     best = {eager: float("inf"), graph: float("inf")}
     for _ in range(TIMED_ROUNDS):
@@ -164,7 +205,7 @@ def measure(adapter: FusedAdapter) -> tuple[StepRecord, CompiledStep]:
             for i in range(TIMED_STEPS):
                 runner.verify(h, TIMED_KEYS + i, 0)
             best[runner] = min(best[runner], (time.perf_counter() - started) / TIMED_STEPS)
-    return StepRecord(1e3 * best[eager], 1e3 * best[graph], compiled.compile_seconds), compiled
+    return StepRecord(1e3 * best[eager], 1e3 * best[graph], step.compile_seconds[width])
 
 
 def scratch_cache(adapter: FusedAdapter, length: int) -> PositionedCache:
@@ -173,56 +214,64 @@ def scratch_cache(adapter: FusedAdapter, length: int) -> PositionedCache:
     return cache
 
 
-def decode_step(adapter: FusedAdapter, mode: str) -> CompiledStep | None:
-    """The compiled step the engine runs one-token passes with, or None for eager. mode "compiled" always compiles;
-    "auto" compiles where that measured faster than eager on this machine (measured once, kept on disk beside
-    the zoo cache, and said on stderr, since the first measurement pays a compile)."""
+def compiled_step(adapter: FusedAdapter) -> CompiledStep:
+    if "step" not in adapter.derived:
+        adapter.derived["step"] = CompiledStep(adapter)
+    return adapter.derived["step"]
+
+
+def decode_step(adapter: FusedAdapter, mode: str, max_width: int = 1) -> CompiledPasses | None:
+    """The compiled passes a decode runs, or None for all eager. mode "compiled" compiles every bucket as it is
+    first needed; "auto" compiles the buckets up to `max_width` where that measured faster than eager on this
+    machine (measured once per bucket, kept on disk beside the zoo cache, and said on stderr, since a first
+    measurement pays a compile)."""
     if mode == "eager":
         return None
     if mode == "compiled":
-        if "step" not in adapter.derived:
-            adapter.derived["step"] = CompiledStep(adapter)
-        return adapter.derived["step"]
-    if "step wins" not in adapter.derived:
-        adapter.derived["step wins"] = _compiled_wins(adapter)
-    return decode_step(adapter, "compiled") if adapter.derived["step wins"] else None
-
-
-def _compiled_wins(adapter: FusedAdapter) -> bool:
+        return CompiledPasses(compiled_step(adapter))
     path = record_path(adapter)
-    record = load_record(path)
-    if record is not None:
-        return record.compiled_wins
-    print("selfspec: timing the compiled decode step against eager for this model, dtype and machine (once) ...",
+    records = load_records(path)
+    for bucket in BUCKETS[: BUCKETS.index(bucket_for(min(max_width, BUCKETS[-1]))) + 1]:
+        if bucket not in records:
+            records[bucket] = _measured(adapter, bucket)
+            write_json_atomic(path, {str(width): r.__dict__ | {"compiled_wins": r.compiled_wins}
+                                     for width, r in sorted(records.items())})  # fmt: skip
+    wins = {bucket: record.compiled_wins for bucket, record in records.items()}
+    return CompiledPasses(compiled_step(adapter), wins) if any(wins.values()) else None
+
+
+def _measured(adapter: FusedAdapter, width: int) -> StepRecord:
+    what = "decode step" if width == 1 else f"{width}-token verify pass"
+    print(f"selfspec: timing the compiled {what} against eager for this model, dtype and machine (once) ...",
           file=sys.stderr)  # fmt: skip
     try:
-        record, adapter.derived["step"] = measure(adapter)
+        record = measure(adapter, width)
     except Exception as e:  # noqa: BLE001 - no compiler, or an op inductor cannot lower: eager is always there
-        print(f"selfspec: the decode step did not compile ({first_line(e)}); decoding eager", file=sys.stderr)
-        record = StepRecord(eager_ms=0.0, compiled_ms=None, compile_seconds=0.0)
-    write_json_atomic(path, record.__dict__ | {"compiled_wins": record.compiled_wins})
-    if record.compiled_ms is not None:
-        print(
-            f"selfspec: compiled in {record.compile_seconds:.0f} s; a step takes {record.compiled_ms:.1f} ms compiled, "
-            f"{record.eager_ms:.1f} ms eager: decoding {'compiled' if record.compiled_wins else 'eager'}",
-            file=sys.stderr,
-        )
-    return record.compiled_wins
+        print(f"selfspec: the {what} did not compile ({first_line(e)}); eager", file=sys.stderr)
+        return StepRecord(eager_ms=0.0, compiled_ms=None, compile_seconds=0.0)
+    print(
+        f"selfspec: compiled in {record.compile_seconds:.0f} s; the {what} takes {record.compiled_ms:.1f} ms compiled, "
+        f"{record.eager_ms:.1f} ms eager: {'compiled' if record.compiled_wins else 'eager'}",
+        file=sys.stderr,
+    )
+    return record
 
 
 def step_line(adapter: FusedAdapter) -> str:
-    """What the one-token step measured here, for bench's output."""
-    record = load_record(record_path(adapter))
-    if record is None:
-        return "decode step: not measured on this machine yet (wrap measures it at the first generate)"
-    if record.compiled_ms is None:
-        return "decode step: eager (it did not compile here)"
-    compiled = adapter.derived.get("step")
-    loaded = (
-        f"; this process loaded it in {compiled.compile_seconds:.1f} s" if compiled and compiled.compile_seconds else ""
-    )
-    return (
-        f"decode step, measured once here: compiled {record.compiled_ms:.1f} ms, eager {record.eager_ms:.1f} ms; "
-        f"first compile {record.compile_seconds:.0f} s{loaded}; wrap decodes "
-        f"{'compiled' if record.compiled_wins else 'eager'}"
-    )
+    """What the compiled passes measured here, for bench's output."""
+    records = load_records(record_path(adapter))
+    if not records:
+        return "compiled passes: not measured on this machine yet (wrap measures them at the first generate)"
+    step = adapter.derived.get("step")
+    parts = []
+    for width, record in sorted(records.items()):
+        if record.compiled_ms is None:
+            parts.append(f"{width}: did not compile")
+            continue
+        loaded = step.compile_seconds.get(width) if step else None
+        took = f"; this process loaded it in {loaded:.1f} s" if loaded else ""
+        parts.append(
+            f"{width}: {record.compiled_ms:.1f} compiled / {record.eager_ms:.1f} eager "
+            f"(first compile {record.compile_seconds:.0f} s{took}) -> {'compiled' if record.compiled_wins else 'eager'}"
+        )
+    return "full-depth passes by width, ms, measured once here: " + "; ".join(parts)

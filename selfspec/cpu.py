@@ -1,7 +1,13 @@
 """What CPU this is: its name and the instruction sets that decide which kernels are fast on it."""
 
+import os
 import platform
 from pathlib import Path
+
+import torch
+
+# Set to 0 to keep bfloat16 matrices off oneDNN's packed kernels (how a CPU without them runs).
+PACKED_ENV = "SELFSPEC_PACKED_BF16"
 
 
 def cpu_name() -> str:
@@ -25,3 +31,20 @@ def cpu_flags() -> str:
         return "unknown"
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "avx_vnni")
     return " ".join(flag for flag in wanted if flag in flags) or "none of " + " ".join(wanted)
+
+
+def packed_bf16() -> bool:
+    """Whether oneDNN's packed bfloat16 kernels run here: the CPU has them (avx512bw/vl/dq or avx_ne_convert, as
+    oneDNN and ONEDNN_MAX_CPU_ISA allow) and SELFSPEC_PACKED_BF16 is not 0."""
+    return (
+        os.environ.get(PACKED_ENV, "1") != "0"
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+def kernel_setting() -> str:
+    """The CPU flags and the kernels torch takes on them (ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA can lower
+    both, which is how a machine with AVX-512 runs the code paths of one without)."""
+    packed = "on" if packed_bf16() else "off"
+    return f"{cpu_flags()}; torch kernels {torch.backends.cpu.get_cpu_capability()}, packed bf16 {packed}"

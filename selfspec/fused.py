@@ -11,7 +11,6 @@ Only families whose layer is exactly llama's (RMSNorm, rotary q/k, SiLU-gated ML
 and `backend="reference"`, run the model's own modules through `Adapter`.
 """
 
-import os
 import weakref
 from dataclasses import dataclass, replace
 
@@ -21,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .adapter import Adapter, adapter_for
+from .cpu import packed_bf16
 from .errors import GenerationInputError, UnsupportedModelError
 from .graph_ops import kernel_handle, registered_linear
 
@@ -28,8 +28,6 @@ FUSED_FAMILIES = ("llama", "mistral", "qwen2")
 # auto and fused: the fused forward, its one-token step compiled where that measured faster (`selfspec.compiled`);
 # eager: the fused forward, never compiled; compiled: always compiled; reference: the model's own modules.
 BACKENDS = ("auto", "fused", "eager", "compiled", "reference")
-# Set to 0 to keep bfloat16 matrices off oneDNN's packed kernels (how a CPU without them runs).
-PACKED_ENV = "SELFSPEC_PACKED_BF16"
 
 # model -> {(dtype, device): the fused adapter built for them}
 _built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -71,13 +69,7 @@ def stacked(layers: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]
 
 def _packs(weight: torch.Tensor) -> bool:
     """oneDNN's packed bf16 kernels only: float32 keeps `F.linear`, the very kernel `model.generate` runs."""
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.bfloat16
-        and os.environ.get(PACKED_ENV, "1") != "0"
-        and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and packed_bf16()
 
 
 def rms_norm(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:

@@ -38,10 +38,10 @@ EXACT = Plan()
 
 
 class Runner:
-    def __init__(self, adapter: Adapter, cache: PositionedCache, step=None):
+    def __init__(self, adapter: Adapter, cache: PositionedCache, compiled=None):
         self.adapter = adapter
         self.cache = cache
-        self.step = step  # a `CompiledStep` for one-token full-depth passes, or None (eager)
+        self.compiled = compiled  # `CompiledPasses`: which full-depth passes run compiled; None: all eager
 
     def embed(self, token_ids: list[int]) -> torch.Tensor:
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.cache_device)
@@ -84,9 +84,14 @@ class Runner:
 
     def verify(self, states: torch.Tensor, position: int, first: int) -> torch.Tensor:
         """Logits [T, V] of layers [first, L) and the head over states [1, T, D] at positions [position, +T)."""
-        if self.step is not None and first == 0 and states.shape[1] == 1 and 0 < position < self.cache.max_len - 1:
-            # The compiled graph takes the key length as a symbol: a length of 1 (position 0), or one equal to the
-            # buffer's (keys contiguous), would each be traced as a special case, another graph: eager there.
-            return self.step.run(states, position, self.cache.key_buffers(), self.cache.value_buffers())[0]
+        width = states.shape[1]
+        bucket = self.compiled.bucket(width) if self.compiled is not None and first == 0 else None
+        # The compiled graph takes the key length as a symbol: a length of 1 (position 0), or one equal to the
+        # buffer's (keys contiguous), would each be traced as a special case, another graph: eager there.
+        if bucket is not None and 0 < position < self.cache.max_len - bucket:
+            if bucket > width:  # rows past the draft: their logits are dropped, their K/V overwritten before read
+                states = torch.cat([states, states[:, -1:].expand(-1, bucket - width, -1)], dim=1)  # [1, bucket, D]
+            logits = self.compiled.run(states, position, self.cache.key_buffers(), self.cache.value_buffers())
+            return logits[0, :width]
         h = self.layers(states, self.span(states, position), first, self.adapter.num_layers)
         return self.logits(h)[0]

@@ -170,6 +170,11 @@ class Schedule:
     def drafting(self) -> bool:
         return self.max_draft > 0 or self.context_ngram > 0
 
+    @property
+    def max_verify_width(self) -> int:
+        """The most tokens one verify pass takes: the pending token and the widest draft."""
+        return 1 + max(self.max_draft, self.context_max_draft if self.context_ngram > 0 else 0)
+
     def exits(self, num_layers: int) -> tuple[int, ...]:
         """Candidate exit layers, shallowest first; the last one is where every draft token must stop."""
         if self.exit_layers:

@@ -13,7 +13,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, StoppingCriteriaList
 
 from .cache import PositionedCache
-from .compiled import decode_step
+from .compiled import BUCKETS, decode_step
 from .drafting import drafter_for, prepare_drafts
 from .errors import GenerationInputError, ScheduleError
 from .fingerprint import model_fingerprint
@@ -123,12 +123,14 @@ class SpeculativeModel:
 
     def _decode_one(self, prompt: list[int], max_new: int, sampler: Sampler, eos: set[int], emit) -> GenerationStats:
         schedule = self.schedule
-        # a round never writes past the last position generated, so the prompt plus max_new always suffices
-        cache = PositionedCache(self._adapter.num_layers, len(prompt) + max_new)
-        step = decode_step(self._adapter, self._step_mode)
-        if step is not None:
+        # A round never writes past the last position generated, so the prompt plus max_new suffices; a compiled
+        # pass padded to its bucket writes up to a bucket further.
+        compiled = decode_step(self._adapter, self._step_mode, schedule.max_verify_width)
+        room = BUCKETS[-1] if compiled is not None else 0
+        cache = PositionedCache(self._adapter.num_layers, len(prompt) + max_new + room)
+        if compiled is not None:
             cache.allocate(self._model.config, self._adapter.lm_head.weight.dtype, self._adapter.lm_head.weight.device)
-        runner = Runner(self._adapter, cache, step)
+        runner = Runner(self._adapter, cache, compiled)
         return decode(runner, drafter_for(runner, schedule), prompt, max_new, sampler, eos, emit)
 
     def _config(self, kwargs: dict[str, Any]) -> GenerationConfig:

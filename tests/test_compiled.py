@@ -1,4 +1,5 @@
-"""The compiled one-token step: token-exact in float32, measured once per machine, its compile cached on disk."""
+"""The compiled full-depth passes (the one-token step, verify widths padded to buckets): token-exact in float32,
+measured once per machine and bucket, their compile cached on disk."""
 
 import json
 import os
@@ -15,6 +16,9 @@ from selfspec import compiled
 from selfspec.errors import GenerationInputError
 from selfspec.fused import FUSED_FAMILIES, engine_adapter
 
+# verified from layer 0 at widths 2 to 7: every bucket but 16, most of them padded
+CONTEXT_COPIES = [selfspec.Schedule(max_draft=0, context_ngram=1, context_max_draft=w) for w in (1, 2, 6)]
+
 
 @pytest.mark.parametrize("family", FUSED_FAMILIES)
 def test_compiled_step_matches_generate(family):
@@ -22,10 +26,10 @@ def test_compiled_step_matches_generate(family):
     for length in (9, 1):  # a one-token prompt starts at position 0, which stays eager
         ids = torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(1))
         expected = model.generate(ids, max_new_tokens=20, do_sample=False)
-        for schedule in SCHEDULES:
+        for schedule in SCHEDULES + CONTEXT_COPIES:
             fast = selfspec.wrap(model, schedule, backend="compiled")
             assert torch.equal(fast.generate(ids, max_new_tokens=20), expected), schedule
-    assert engine_adapter(model).derived["step"].compile_seconds > 0  # the graph ran
+    assert set(engine_adapter(model).derived["step"].compile_seconds) >= {1, 2, 4}  # graphs ran, padded widths
 
 
 def test_one_graph_serves_every_position_and_cache_length():
@@ -36,29 +40,35 @@ def test_one_graph_serves_every_position_and_cache_length():
         ids = torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(length))
         expected = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
         assert torch.equal(fast.generate(ids, max_new_tokens=new_tokens), expected)
-    compiled.measure(engine_adapter(model))  # its scratch cache, timed up to its last position
+    compiled.measure(engine_adapter(model))  # its own scratch cache, timed up to its last position
     assert counters["stats"]["unique_graphs"] == graphs + 1
 
 
-def test_auto_measures_once_and_keeps_the_record(tmp_path, monkeypatch):
+def test_auto_measures_each_bucket_once_and_keeps_the_record(tmp_path, monkeypatch):
     monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
     measured = []
     measure = compiled.measure
-    monkeypatch.setattr(compiled, "measure", lambda adapter: measured.append(adapter) or measure(adapter))
+    monkeypatch.setattr(compiled, "measure", lambda adapter, width: measured.append(width) or measure(adapter, width))
     first = engine_adapter(tiny("llama"))
-    compiled.decode_step(first, "auto")
+    compiled.decode_step(first, "auto")  # a plain loop: the one-token step only
+    compiled.decode_step(first, "auto", max_width=3)  # drafts verified 3 wide: buckets 2 and 4 as well
+    assert measured == [1, 2, 4]
     path = compiled.record_path(first)
-    record = json.loads(path.read_text())
-    assert record["eager_ms"] > 0 and record["compiled_ms"] > 0 and record["compile_seconds"] > 0
-    assert record["compiled_wins"] == (record["compiled_ms"] < record["eager_ms"])
-    step = compiled.decode_step(first, "auto")
-    assert (step is not None) == record["compiled_wins"]
+    records = json.loads(path.read_text())
+    assert sorted(records) == ["1", "2", "4"]
+    for record in records.values():
+        assert record["eager_ms"] > 0 and record["compiled_ms"] > 0 and record["compile_seconds"] > 0
+        assert record["compiled_wins"] == (record["compiled_ms"] < record["eager_ms"])
+    passes = compiled.decode_step(first, "auto", max_width=4)
+    wins = {int(width): record["compiled_wins"] for width, record in records.items()}
+    for width, bucket in ((1, 1), (2, 2), (3, 4), (4, 4)):
+        assert (passes.bucket(width) if passes else None) == (bucket if wins[bucket] else None)
     second = engine_adapter(tiny("llama"))  # the same model again, as a new process would load it
-    assert (compiled.decode_step(second, "auto") is not None) == record["compiled_wins"]
-    assert measured == [first]
+    compiled.decode_step(second, "auto", max_width=4)
+    assert measured == [1, 2, 4]
     path.write_text("{not json")  # a damaged record is measured again
     compiled.decode_step(engine_adapter(tiny("llama")), "auto")
-    assert len(measured) == 2 and json.loads(path.read_text())["eager_ms"] > 0
+    assert measured == [1, 2, 4, 1] and json.loads(path.read_text())["1"]["eager_ms"] > 0
 
 
 def test_eager_never_compiles_and_a_bad_setting_is_one_clear_error(monkeypatch):
