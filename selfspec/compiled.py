@@ -16,7 +16,9 @@ import os
 import sys
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,7 +28,7 @@ from .cpu import kernel_setting
 from .files import write_json_atomic
 from .fingerprint import model_fingerprint
 from .fused import FusedAdapter
-from .runner import EXACT, Runner, Span
+from .runner import EXACT, Plan, Runner, Span
 from .zoo import cache_root, first_line
 
 RECORD_VERSION = 4
@@ -62,22 +64,68 @@ class StaticKV:
 def full_step(
     adapter: FusedAdapter, h: torch.Tensor, positions: torch.Tensor, keys: list, values: list, key_range: torch.Tensor
 ) -> torch.Tensor:
-    """Every layer and the LM head for one token h [1, 1, D] at positions [1] -> logits [1, 1, V].
+    """Every layer and the LM head for h [1, T, D] at positions [T] -> logits [1, T, V].
 
     keys/values are the whole per-layer buffers [1, H_kv, S, hd]; the step reads their first n positions, n being
     key_range's length [n]: a size the graph takes as a symbol, so one graph serves every position and cache length
     (views sliced outside would carry the buffer's length in their strides, and a view that happened to be the
     whole buffer would be traced as contiguous, a second graph)."""
+    runner, span = _static_runner(adapter, h, positions, keys, values, key_range)
+    return runner.logits(runner.layers(h, span, 0, adapter.num_layers, EXACT))
+
+
+def draft_layers(
+    adapter: FusedAdapter,
+    plan: Plan,
+    first: int,
+    stop: int,
+    h: torch.Tensor,
+    positions: torch.Tensor,
+    keys: list,
+    values: list,
+    key_range: torch.Tensor,
+) -> torch.Tensor:
+    """Layers [first, stop) as the draft's plan runs them, for one token h [1, 1, D] -> [1, 1, D]; the cache as in
+    `full_step`."""
+    runner, span = _static_runner(adapter, h, positions, keys, values, key_range)
+    return runner.layers(h, span, first, stop, plan)
+
+
+def _static_runner(adapter: FusedAdapter, h, positions, keys, values, key_range) -> tuple[Runner, Span]:
     visible = key_range.shape[0]
     cache = StaticKV([k[:, :, :visible] for k in keys], [v[:, :, :visible] for v in values], positions)
-    runner = Runner(adapter, cache)
     rope = adapter.position_embeddings(h, positions)
     mask = None
     if h.shape[1] > 1:
         keys_at = torch.arange(visible, device=h.device)
         mask = (keys_at[None, :] <= positions[:, None])[None, None]  # [1, 1, T, visible]
-    span = Span(0, h.shape[1], rope, mask)
-    return runner.logits(runner.layers(h, span, 0, adapter.num_layers, EXACT))
+    return Runner(adapter, cache), Span(0, h.shape[1], rope, mask)
+
+
+def _compiled(function: types.FunctionType, owner: object) -> Callable:
+    """`function` compiled for one owner (an adapter, a drafter): a copy of its own, since dynamo keys graphs by
+    code object, with the guards on the owner's objects dropped (~1,700 of them, a millisecond a call), as they
+    never change; the inputs stay guarded."""
+    use_selfspec_inductor_cache()
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    own = _function_copy(function, f"{function.__name__}_{id(owner):x}")
+    return torch.compile(
+        own,
+        fullgraph=True,
+        dynamic=False,
+        options={"guard_filter_fn": _input_guards, "emulate_precision_casts": True},
+    )
+
+
+def _static_inputs(h: torch.Tensor, position: int, keys: list, values: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [T] and key_range [position + T] for h [1, T, D]; the buffers' length marked as a symbol."""
+    for t in keys + values:
+        if not hasattr(t, "_dynamo_dynamic_indices"):
+            torch._dynamo.mark_dynamic(t, 2)
+    width = h.shape[1]
+    key_range = torch.empty(position + width, dtype=torch.int8, device=h.device)
+    torch._dynamo.mark_dynamic(key_range, 0)
+    return torch.arange(position, position + width, device=h.device), key_range
 
 
 class CompiledStep:
@@ -86,34 +134,40 @@ class CompiledStep:
     def __init__(self, adapter: FusedAdapter):
         self.adapter = adapter
         self.compile_seconds: dict[int, float] = {}  # bucket -> its first call (a compile, or a load from disk)
-        use_selfspec_inductor_cache()
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        # Guards on the adapter's objects (~1,700 of them, a millisecond a call) are dropped: a copy of the function
-        # per adapter keeps each graph to its own adapter, whose objects never change; the inputs stay guarded.
-        own = _function_copy(full_step, f"full_step_{id(adapter):x}")
-        self._step = torch.compile(
-            own,
-            fullgraph=True,
-            dynamic=False,
-            options={"guard_filter_fn": _input_guards, "emulate_precision_casts": True},
-        )
+        self._step = _compiled(full_step, adapter)
 
     def run(self, h: torch.Tensor, position: int, keys: list, values: list) -> torch.Tensor:
         """Logits [1, T, V] for h [1, T, D] (T a bucket) at positions [position, +T); keys/values: the full per-layer
         buffers, which must hold more than position + T positions."""
-        for t in keys + values:
-            if not hasattr(t, "_dynamo_dynamic_indices"):
-                torch._dynamo.mark_dynamic(t, 2)
+        positions, key_range = _static_inputs(h, position, keys, values)
         width = h.shape[1]
-        key_range = torch.empty(position + width, dtype=torch.int8, device=h.device)
-        torch._dynamo.mark_dynamic(key_range, 0)
-        positions = torch.arange(position, position + width, device=h.device)
         if width in self.compile_seconds:
             return self._step(self.adapter, h, positions, keys, values, key_range)
         started = time.perf_counter()
         logits = self._step(self.adapter, h, positions, keys, values, key_range)
         self.compile_seconds[width] = time.perf_counter() - started
         return logits
+
+
+class CompiledSegment:
+    """`draft_layers` compiled for one drafter's plan and layer range: its one-token draft step without the
+    eager dispatch per op (the draft head, whose rows change with each prompt, stays eager)."""
+
+    def __init__(self, adapter: FusedAdapter, plan: Plan, first: int, stop: int):
+        self.adapter, self.plan, self.first, self.stop = adapter, plan, first, stop
+        self.compile_seconds: float | None = None
+        self._layers = _compiled(draft_layers, self)
+
+    def run(self, h: torch.Tensor, position: int, keys: list, values: list) -> torch.Tensor:
+        """h [1, 1, D] after layers [first, stop) at `position`."""
+        positions, key_range = _static_inputs(h, position, keys, values)
+        args = (self.adapter, self.plan, self.first, self.stop, h, positions, keys, values, key_range)
+        if self.compile_seconds is not None:
+            return self._layers(*args)
+        started = time.perf_counter()
+        out = self._layers(*args)
+        self.compile_seconds = time.perf_counter() - started
+        return out
 
 
 class CompiledPasses:
@@ -135,6 +189,39 @@ class CompiledPasses:
         """Logits [1, T, V] of the bucket-wide h [1, T, D]."""
         return self.step.run(h, position, keys, values)
 
+    def draft_segment(self, plan: Plan, first: int, stop: int) -> "CompiledSegment | None":
+        """The draft's layers [first, stop) compiled, or None where eager measured faster (once per plan). One
+        graph per adapter and plan, kept with the adapter: each generate makes a new drafter."""
+        adapter = self.step.adapter
+        digest = _plan_digest(plan, first, stop)
+        segments = adapter.derived.setdefault("draft segments", {})
+        if digest not in segments:
+            segments[digest] = CompiledSegment(adapter, plan, first, stop)
+        if self.wins is None:
+            return segments[digest]
+        chosen = adapter.derived.setdefault("draft segments chosen", {})
+        if digest not in chosen:
+            path = record_path(adapter, "draft-" + digest)
+            record = load_records(path).get(1)
+            if record is None:
+                what = f"draft step over layers {first}-{stop - 1}"
+                record = _measured(what, partial(measure_segment, segments[digest]))
+                write_records(path, {1: record})
+            chosen[digest] = record.compiled_wins
+        return segments[digest] if chosen[digest] else None
+
+
+def _plan_digest(plan: Plan, first: int, stop: int) -> str:
+    """What the draft runs in layers [first, stop): per sublayer skipped, exact, or a low-bit scheme."""
+
+    def form(i: int, skipped: frozenset, weights) -> str:
+        derived = weights.get(i)
+        return "skip" if i in skipped else ("exact" if derived is None else derived.qkv.matrix.scheme)
+
+    forms = [(form(i, plan.skip_attn, plan.attn_weights), form(i, plan.skip_mlp, plan.mlp_weights))
+             for i in range(first, stop)]  # fmt: skip
+    return hashlib.sha256(json.dumps([first, stop, forms]).encode()).hexdigest()[:12]
+
 
 def _function_copy(function: types.FunctionType, name: str) -> types.FunctionType:
     """The same function over a code object of its own: dynamo keys its compiled graphs by code object."""
@@ -143,7 +230,7 @@ def _function_copy(function: types.FunctionType, name: str) -> types.FunctionTyp
 
 
 def _input_guards(entries: list) -> list[bool]:
-    return [not (entry.name.startswith("adapter") or entry.is_global) for entry in entries]
+    return [not (entry.name.startswith(("adapter", "plan")) or entry.is_global) for entry in entries]
 
 
 def use_selfspec_inductor_cache() -> None:
@@ -165,12 +252,19 @@ class StepRecord:
         return self.compiled_ms is not None and self.compiled_ms < self.eager_ms
 
 
-def record_path(adapter: FusedAdapter) -> Path:
-    """Where the measurements for this model, dtype, CPU, kernels, thread count and torch version are kept."""
+def record_path(adapter: FusedAdapter, what: str = "passes") -> Path:
+    """Where the measurements of `what` for this model, dtype, CPU, kernels, thread count and torch version are
+    kept."""
     dtype = str(adapter.lm_head.weight.dtype).removeprefix("torch.")
     machine = f"{kernel_setting()}|{torch.__version__}|{torch.get_num_threads()} threads"
     key = hashlib.sha256(machine.encode()).hexdigest()[:12]
-    return cache_root() / "steps" / f"{model_fingerprint(adapter.model)}-{dtype}-{key}-v{RECORD_VERSION}.json"
+    name = f"{model_fingerprint(adapter.model)}-{dtype}-{key}-{what}-v{RECORD_VERSION}.json"
+    return cache_root() / "steps" / name
+
+
+def write_records(path: Path, records: dict[int, StepRecord]) -> None:
+    write_json_atomic(path, {str(width): r.__dict__ | {"compiled_wins": r.compiled_wins}
+                             for width, r in sorted(records.items())})  # fmt: skip
 
 
 def load_records(path: Path) -> dict[int, StepRecord]:
@@ -190,22 +284,44 @@ def _record_of(entry: dict) -> StepRecord:
 
 @torch.inference_mode()
 def measure(adapter: FusedAdapter, width: int = 1) -> StepRecord:
-    """Time the compiled pass of `width` (a bucket) against the eager one on a scratch cache, alternating rounds;
-    the graph timed is the adapter's own, the one decoding will run."""
+    """Time the compiled pass of `width` (a bucket) against the eager one on a scratch cache; the graph timed is
+    the adapter's own, the one decoding will run."""
     cache = scratch_cache(adapter, TIMED_KEYS + TIMED_STEPS + width)
     step = compiled_step(adapter)
     eager, graph = Runner(adapter, cache), Runner(adapter, cache, CompiledPasses(step))
     ids = torch.zeros(1, width, dtype=torch.long, device=adapter.lm_head.weight.device)
     h = adapter.embed(ids)  # [1, width, D]
     graph.verify(h, TIMED_KEYS, 0)  # compiles, or loads the compile from inductor's cache
-    best = {eager: float("inf"), graph: float("inf")}
+    ms = _best_ms({"eager": lambda p: eager.verify(h, p, 0), "compiled": lambda p: graph.verify(h, p, 0)})
+    return StepRecord(ms["eager"], ms["compiled"], step.compile_seconds[width])
+
+
+@torch.inference_mode()
+def measure_segment(segment: CompiledSegment) -> StepRecord:
+    """Time the compiled draft layers against the eager ones, one token at a time, on a scratch cache."""
+    adapter = segment.adapter
+    cache = scratch_cache(adapter, TIMED_KEYS + TIMED_STEPS + 1)
+    runner, keys, values = Runner(adapter, cache), cache.key_buffers(), cache.value_buffers()
+    h = adapter.embed(torch.zeros(1, 1, dtype=torch.long, device=adapter.lm_head.weight.device))  # [1, 1, D]
+    segment.run(h, TIMED_KEYS, keys, values)  # compiles, or loads the compile from inductor's cache
+
+    def eager(position: int) -> torch.Tensor:
+        return runner.layers(h, runner.span(h, position), segment.first, segment.stop, segment.plan)
+
+    ms = _best_ms({"eager": eager, "compiled": lambda p: segment.run(h, p, keys, values)})
+    return StepRecord(ms["eager"], ms["compiled"], segment.compile_seconds)
+
+
+def _best_ms(calls: dict[str, Callable[[int], object]]) -> dict[str, float]:
+    """Each call's best time (ms) over rounds of TIMED_STEPS positions, the calls taking turns round by round."""
+    best = dict.fromkeys(calls, float("inf"))
     for _ in range(TIMED_ROUNDS):
-        for runner in best:
+        for name, call in calls.items():
             started = time.perf_counter()
             for i in range(TIMED_STEPS):
-                runner.verify(h, TIMED_KEYS + i, 0)
-            best[runner] = min(best[runner], (time.perf_counter() - started) / TIMED_STEPS)
-    return StepRecord(1e3 * best[eager], 1e3 * best[graph], step.compile_seconds[width])
+                call(TIMED_KEYS + i)
+            best[name] = min(best[name], (time.perf_counter() - started) / TIMED_STEPS)
+    return {name: 1e3 * seconds for name, seconds in best.items()}
 
 
 def scratch_cache(adapter: FusedAdapter, length: int) -> PositionedCache:
@@ -221,10 +337,10 @@ def compiled_step(adapter: FusedAdapter) -> CompiledStep:
 
 
 def decode_step(adapter: FusedAdapter, mode: str, max_width: int = 1) -> CompiledPasses | None:
-    """The compiled passes a decode runs, or None for all eager. mode "compiled" compiles every bucket as it is
-    first needed; "auto" compiles the buckets up to `max_width` where that measured faster than eager on this
-    machine (measured once per bucket, kept on disk beside the zoo cache, and said on stderr, since a first
-    measurement pays a compile)."""
+    """The compiled passes a decode runs, or None for all eager. mode "compiled" compiles every bucket, and the
+    draft's layers, as first needed; "auto" compiles the buckets up to `max_width`, and the draft's layers, where
+    that measured faster than eager on this machine (measured once per bucket or draft plan, kept on disk beside
+    the zoo cache, and said on stderr, since a first measurement pays a compile)."""
     if mode == "eager":
         return None
     if mode == "compiled":
@@ -233,25 +349,23 @@ def decode_step(adapter: FusedAdapter, mode: str, max_width: int = 1) -> Compile
     records = load_records(path)
     for bucket in BUCKETS[: BUCKETS.index(bucket_for(min(max_width, BUCKETS[-1]))) + 1]:
         if bucket not in records:
-            records[bucket] = _measured(adapter, bucket)
-            write_json_atomic(path, {str(width): r.__dict__ | {"compiled_wins": r.compiled_wins}
-                                     for width, r in sorted(records.items())})  # fmt: skip
-    wins = {bucket: record.compiled_wins for bucket, record in records.items()}
-    return CompiledPasses(compiled_step(adapter), wins) if any(wins.values()) else None
+            what = "decode step" if bucket == 1 else f"{bucket}-token verify pass"
+            records[bucket] = _measured(what, partial(measure, adapter, bucket))
+            write_records(path, records)
+    return CompiledPasses(compiled_step(adapter), {bucket: record.compiled_wins for bucket, record in records.items()})
 
 
-def _measured(adapter: FusedAdapter, width: int) -> StepRecord:
-    what = "decode step" if width == 1 else f"{width}-token verify pass"
+def _measured(what: str, measure_it: Callable[[], StepRecord]) -> StepRecord:
     print(f"selfspec: timing the compiled {what} against eager for this model, dtype and machine (once) ...",
           file=sys.stderr)  # fmt: skip
     try:
-        record = measure(adapter, width)
+        record = measure_it()
     except Exception as e:  # noqa: BLE001 - no compiler, or an op inductor cannot lower: eager is always there
         print(f"selfspec: the {what} did not compile ({first_line(e)}); eager", file=sys.stderr)
         return StepRecord(eager_ms=0.0, compiled_ms=None, compile_seconds=0.0)
     print(
-        f"selfspec: compiled in {record.compile_seconds:.0f} s; the {what} takes {record.compiled_ms:.1f} ms compiled, "
-        f"{record.eager_ms:.1f} ms eager: {'compiled' if record.compiled_wins else 'eager'}",
+        f"selfspec: compiled in {record.compile_seconds:.0f} s; the {what} takes {record.compiled_ms:.2f} ms compiled, "
+        f"{record.eager_ms:.2f} ms eager: {'compiled' if record.compiled_wins else 'eager'}",
         file=sys.stderr,
     )
     return record

@@ -118,6 +118,24 @@ class LayerDrafter:
         self.checkpoints = sorted({e for e in self.exits if e < self.exact_depth} | {self.exact_depth})
         self.temperatures = {e: self._temperature(e) for e in self.exits}
         self.width = Width(schedule.max_draft, schedule.adaptive_width)
+        self.segments = self._compiled_segments()
+
+    def _compiled_segments(self) -> dict:
+        """(first, stop) -> the compiled draft layers between two of its boundaries, where the runner compiles."""
+        compiled = self.runner.compiled
+        if compiled is None:
+            return {}
+        bounds = [0, *sorted(set(self.checkpoints) | set(self.exits))]
+        pairs = [(first, stop) for first, stop in zip(bounds, bounds[1:]) if first < stop]
+        segments = {pair: compiled.draft_segment(self.plan, *pair) for pair in pairs}
+        return {pair: segment for pair, segment in segments.items() if segment is not None}
+
+    def _layers(self, h: torch.Tensor, span, first: int, stop: int) -> torch.Tensor:
+        segment = self.segments.get((first, stop))
+        cache = self.runner.cache
+        if segment is not None and 0 < span.start < cache.max_len - 1:  # as for a compiled verify pass (Runner)
+            return segment.run(h, span.start, cache.key_buffers(), cache.value_buffers())
+        return self.runner.layers(h, span, first, stop, self.plan)
 
     def begin(self, prompt: list[int]) -> None:
         self.head.begin(prompt)
@@ -166,7 +184,7 @@ class LayerDrafter:
         depth_states = {0: h}
         layer = 0
         for boundary in sorted(set(self.checkpoints) | set(self.exits)):
-            h = self.runner.layers(h, span, layer, boundary, self.plan)
+            h = self._layers(h, span, layer, boundary)
             layer = boundary
             if boundary in self.checkpoints:
                 depth_states[boundary] = h

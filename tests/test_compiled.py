@@ -34,7 +34,7 @@ def test_compiled_step_matches_generate(family):
 
 def test_one_graph_serves_every_position_and_cache_length():
     model = tiny("llama")
-    fast = selfspec.wrap(model, backend="compiled")
+    fast = selfspec.wrap(model, selfspec.Schedule.plain(), backend="compiled")
     graphs = counters["stats"]["unique_graphs"]
     for length, new_tokens in ((9, 12), (3, 30), (25, 4), (2, 2)):  # cache lengths 21, 33, 29, 4; steps reach the end
         ids = torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(length))
@@ -71,6 +71,29 @@ def test_auto_measures_each_bucket_once_and_keeps_the_record(tmp_path, monkeypat
     assert measured == [1, 2, 4, 1] and json.loads(path.read_text())["1"]["eager_ms"] > 0
 
 
+def test_auto_measures_a_draft_plan_once_and_drafts_through_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
+    monkeypatch.setenv("SELFSPEC_DECODE_STEP", "auto")
+    measured = []
+    measure = compiled.measure_segment
+    monkeypatch.setattr(compiled, "measure_segment", lambda seg: measured.append((seg.first, seg.stop)) or measure(seg))
+    model = tiny("qwen2")
+    schedule = selfspec.Schedule(skip_attn=(1,), exit_layer=3, max_draft=3)  # exact to layer 1, then skips
+    ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(2))
+    expected = model.generate(ids, max_new_tokens=16, do_sample=False)
+    for _ in range(2):  # the second wrap reads the record
+        fast = selfspec.wrap(model, schedule)
+        assert torch.equal(fast.generate(ids, max_new_tokens=16), expected)
+    assert measured == [(0, 1), (1, 3)]  # one graph per stretch between the draft's boundaries
+    records = sorted((tmp_path / "steps").glob("*-draft-*.json"))
+    assert len(records) == 2
+    for path in records:
+        record = json.loads(path.read_text())["1"]
+        assert record["eager_ms"] > 0 and record["compiled_ms"] > 0
+        assert record["compiled_wins"] == (record["compiled_ms"] < record["eager_ms"])
+    assert fast.last_stats.layer_draft_steps > 0
+
+
 def test_eager_never_compiles_and_a_bad_setting_is_one_clear_error(monkeypatch):
     model = tiny("qwen2")
     assert compiled.decode_step(engine_adapter(model), "eager") is None
@@ -100,4 +123,5 @@ def test_a_second_process_loads_the_compile_from_disk(tmp_path):
     for run in runs:
         assert run.returncode == 0, run.stderr
     first, second = ([int(n) for n in run.stdout.split()] for run in runs)
-    assert first == [0, 1] and second == [1, 0]
+    # the step and the default schedule's draft layers: compiled by the first process, loaded by the second
+    assert first == [0, 2] and second == [2, 0]

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import selfspec
 from selfspec import compiled
 from selfspec.drafting import STOP_EOS
+from selfspec.fused import engine_adapter
 
 PROMPTS = {
     "chat": "Write a haiku about the sea.",
@@ -69,13 +70,37 @@ def schedules(draw, num_layers: int) -> selfspec.Schedule:
     )
 
 
+@pytest.fixture
+def eager_drafts(monkeypatch):
+    """Compiled full-depth passes, eager draft layers: a float32 graph per random draft plan would take ~40 s each;
+    the compiled draft layers are tested on every fused family (test_compiled)."""
+    monkeypatch.setattr(compiled.CompiledPasses, "draft_segment", lambda self, plan, first, stop: None)
+
+
 @settings(max_examples=24, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(schedule=schedules(30), kind=st.sampled_from(sorted(PROMPTS)))
-def test_random_schedules_match_generate_smollm2(smollm2_fp32, schedule, kind):
+def test_random_schedules_match_generate_smollm2(smollm2_fp32, eager_drafts, schedule, kind):
     model, tokenizer = smollm2_fp32
     ids, expected = reference(model, tokenizer, kind)
     fast = selfspec.wrap(model, schedule, backend="compiled")  # full-depth passes through the compiled graphs
     assert torch.equal(fast.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False), expected), schedule
+
+
+def test_compiled_low_bit_draft_matches_generate_smollm2(smollm2_fp32):
+    """The kind of schedule tune picks here, draft layers and verify passes both compiled: int4 sublayers from
+    layer 0 with two attention skips, an int4 cheap head, and context copies beside."""
+    model, tokenizer = smollm2_fp32
+    ids, expected = reference(model, tokenizer, "code", new_tokens=32)
+    int4 = tuple(range(30))
+    schedule = selfspec.Schedule(
+        skip_attn=(11, 26), int4_attn=tuple(i for i in int4 if i not in (11, 26)), int4_mlp=int4,
+        head_precision="int4", head_vocab=4096, max_draft=3, confidence=0.27, anneal=1.3, context_ngram=2,
+        context_min_ngram=2, context_max_draft=9,
+    )  # fmt: skip
+    fast = selfspec.wrap(model, schedule, backend="compiled")
+    assert torch.equal(fast.generate(ids, max_new_tokens=32, do_sample=False), expected)
+    assert fast.last_stats.layer_draft_steps > 0
+    assert engine_adapter(model).derived["draft segments"]  # the draft ran its compiled layers
 
 
 @pytest.mark.parametrize(
@@ -93,7 +118,7 @@ def test_random_schedules_match_generate_smollm2(smollm2_fp32, schedule, kind):
     ids=["exit", "skip", "dynamic-exit", "plain", "int4-cheap-head", "int8-mixed"],
 )
 @pytest.mark.parametrize("backend", ["compiled", "eager", "reference"])
-def test_modes_match_generate_qwen05(qwen05_fp32, schedule, backend, monkeypatch):
+def test_modes_match_generate_qwen05(qwen05_fp32, schedule, backend, eager_drafts, monkeypatch):
     model, tokenizer = qwen05_fp32
     if backend == "compiled":
         # the one-token step only: a float32 qwen graph takes a minute to compile, and the padded verify widths are
