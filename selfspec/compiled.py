@@ -345,14 +345,18 @@ def decode_step(adapter: FusedAdapter, mode: str, max_width: int = 1) -> Compile
         return None
     if mode == "compiled":
         return CompiledPasses(compiled_step(adapter))
-    path = record_path(adapter)
-    records = load_records(path)
-    for bucket in BUCKETS[: BUCKETS.index(bucket_for(min(max_width, BUCKETS[-1]))) + 1]:
-        if bucket not in records:
-            what = "decode step" if bucket == 1 else f"{bucket}-token verify pass"
-            records[bucket] = _measured(what, partial(measure, adapter, bucket))
-            write_records(path, records)
-    return CompiledPasses(compiled_step(adapter), {bucket: record.compiled_wins for bucket, record in records.items()})
+    wins = adapter.derived.setdefault("pass wins", {})  # read from disk once per adapter, not at every generate
+    needed = BUCKETS[: BUCKETS.index(bucket_for(min(max_width, BUCKETS[-1]))) + 1]
+    if any(bucket not in wins for bucket in needed):
+        path = record_path(adapter)
+        records = load_records(path)
+        for bucket in needed:
+            if bucket not in records:
+                what = "decode step" if bucket == 1 else f"{bucket}-token verify pass"
+                records[bucket] = _measured(what, partial(measure, adapter, bucket))
+                write_records(path, records)
+        wins.update({bucket: record.compiled_wins for bucket, record in records.items()})
+    return CompiledPasses(compiled_step(adapter), wins)
 
 
 def _measured(what: str, measure_it: Callable[[], StepRecord]) -> StepRecord:

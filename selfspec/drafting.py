@@ -16,7 +16,7 @@ from .errors import UnsupportedModelError
 from .fused import FusedAdapter
 from .lowbit import draft_weights
 from .ngram import NgramIndex
-from .runner import Plan, Runner
+from .runner import Plan, Runner, compiled_pass_fits
 from .sampling import Sampler
 from .schedule import Schedule
 
@@ -116,6 +116,7 @@ class LayerDrafter:
         # Up to this depth the draft computes exactly what the full model does, so its states are reusable.
         self.exact_depth = min(first_inexact, self.exits[-1])
         self.checkpoints = sorted({e for e in self.exits if e < self.exact_depth} | {self.exact_depth})
+        self.boundaries = sorted(set(self.checkpoints) | set(self.exits))  # where a draft step stops to look
         self.temperatures = {e: self._temperature(e) for e in self.exits}
         self.width = Width(schedule.max_draft, schedule.adaptive_width)
         self.segments = self._compiled_segments()
@@ -125,7 +126,7 @@ class LayerDrafter:
         compiled = self.runner.compiled
         if compiled is None:
             return {}
-        bounds = [0, *sorted(set(self.checkpoints) | set(self.exits))]
+        bounds = [0, *self.boundaries]
         pairs = [(first, stop) for first, stop in zip(bounds, bounds[1:]) if first < stop]
         segments = {pair: compiled.draft_segment(self.plan, *pair) for pair in pairs}
         return {pair: segment for pair, segment in segments.items() if segment is not None}
@@ -133,7 +134,7 @@ class LayerDrafter:
     def _layers(self, h: torch.Tensor, span, first: int, stop: int) -> torch.Tensor:
         segment = self.segments.get((first, stop))
         cache = self.runner.cache
-        if segment is not None and 0 < span.start < cache.max_len - 1:  # as for a compiled verify pass (Runner)
+        if segment is not None and compiled_pass_fits(span.start, 1, cache.max_len):
             return segment.run(h, span.start, cache.key_buffers(), cache.value_buffers())
         return self.runner.layers(h, span, first, stop, self.plan)
 
@@ -183,7 +184,7 @@ class LayerDrafter:
         span = self.runner.span(h, position)
         depth_states = {0: h}
         layer = 0
-        for boundary in sorted(set(self.checkpoints) | set(self.exits)):
+        for boundary in self.boundaries:
             h = self._layers(h, span, layer, boundary)
             layer = boundary
             if boundary in self.checkpoints:

@@ -37,6 +37,13 @@ class Plan:
 EXACT = Plan()
 
 
+def compiled_pass_fits(position: int, width: int, cache_length: int) -> bool:
+    """Whether a compiled pass of `width` tokens at `position` runs over a cache of `cache_length` positions. The
+    graphs take the key length as a symbol: a length of 1 (position 0), or one equal to the buffer's (keys
+    contiguous), would each be traced as a special case, another graph; such passes run eager."""
+    return 0 < position and position + width < cache_length
+
+
 class Runner:
     def __init__(self, adapter: Adapter, cache: PositionedCache, compiled=None):
         self.adapter = adapter
@@ -86,9 +93,7 @@ class Runner:
         """Logits [T, V] of layers [first, L) and the head over states [1, T, D] at positions [position, +T)."""
         width = states.shape[1]
         bucket = self.compiled.bucket(width) if self.compiled is not None and first == 0 else None
-        # The compiled graph takes the key length as a symbol: a length of 1 (position 0), or one equal to the
-        # buffer's (keys contiguous), would each be traced as a special case, another graph: eager there.
-        if bucket is not None and 0 < position < self.cache.max_len - bucket:
+        if bucket is not None and compiled_pass_fits(position, bucket, self.cache.max_len):
             if bucket > width:  # rows past the draft: their logits are dropped, their K/V overwritten before read
                 states = torch.cat([states, states[:, -1:].expand(-1, bucket - width, -1)], dim=1)  # [1, bucket, D]
             logits = self.compiled.run(states, position, self.cache.key_buffers(), self.cache.value_buffers())
