@@ -14,11 +14,12 @@ from click.testing import CliRunner
 from selfspec.search import command
 from selfspec.search.anneal import GRID, expected_calibration_error, fit_anneal
 from selfspec.search.command import calibrate_command, tune_command
-from selfspec.search.costs import measure_costs
+from selfspec.search.costs import Costs, measure_costs
 from selfspec.search.prompts import BUILTIN, read_prompts, split
 from selfspec.search.surrogate import leviathan_bound, predict, prepare, score
 from selfspec.search.teacher import encode_prompt, greedy_continuations
 from selfspec.search.tune import TuneConfig, completed, open_study, tune
+from test_architectures import tiny
 
 import selfspec
 from selfspec import SelfspecError
@@ -94,6 +95,33 @@ def test_shallow_drafts_are_cheaper_and_agree_less(smollm2_fp32, calibrated):
     assert shallow.draft_cost < 0.8 < skipping.draft_cost
     assert shallow.agreement < skipping.agreement
     assert shallow.bound == pytest.approx(leviathan_bound(shallow.agreement, 3, shallow.draft_cost))
+
+
+def test_costs_price_passes_as_decoding_runs_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
+    model = tiny("llama")
+    eager = measure_costs(model, kv_length=32, max_tokens=5, repeats=2, mode="eager")
+    assert eager.full_verify == () and eager.draft_speed == {} and eager.step == eager.verify[0]
+    costs = measure_costs(model, kv_length=32, max_tokens=5, repeats=2, mode="compiled")
+    adapter = selfspec.fused.engine_adapter(model)
+    # the full-depth passes priced ran through the graphs decoding runs: widths 1-5 in buckets 1, 2, 4 and 8
+    assert set(adapter.derived["step"].compile_seconds) == {1, 2, 4, 8}
+    assert len(costs.full_verify) == 5 and list(costs.full_verify) == sorted(costs.full_verify)
+    assert costs.step == costs.full_verify[0]
+    assert costs.verify_pass(3, 0) == costs.full_verify[2]
+    assert costs.verify_pass(10, 0) == pytest.approx(2 * costs.full_verify[4])  # past the widths measured
+    # a draft's sublayers are priced at their form's compiled speed: one graph per form, timed against eager
+    assert len(adapter.derived["draft segments"]) == 3 and set(costs.draft_speed) == {"exact", "int8", "int4"}
+    assert all(0 < speed < 10 for speed in costs.draft_speed.values())
+    overhead = costs._overhead
+    assert costs.sublayer("mlp", 2, "int4") == pytest.approx(
+        (costs.mlp_lowbit["int4"][2] + overhead) * costs.draft_speed["int4"]
+    )
+    assert costs.sublayer("attn", 1, "exact") == pytest.approx((costs.attn[1] + overhead) * costs.draft_speed["exact"])
+    assert Costs.from_dict(json.loads(json.dumps(costs.to_dict()))) == costs
+    # a study stored before these were measured prices everything eager, as it did
+    older = {k: v for k, v in costs.to_dict().items() if k not in ("full_verify", "draft_speed")}
+    assert Costs.from_dict(older).step == costs.verify[0] and Costs.from_dict(older).draft_speed == {}
 
 
 def test_leviathan_bound():
