@@ -1,5 +1,9 @@
 """selfspec: lossless self-speculative decoding for Hugging Face causal LMs."""
 
+from .paths import use_selfspec_inductor_cache
+
+use_selfspec_inductor_cache()  # before the imports below bring in torch._dynamo, which fixes inductor's default
+
 from .errors import (
     DownloadError,
     GenerationInputError,

@@ -12,7 +12,6 @@ nothing syncs with the host, and the one size that changes between calls is the 
 
 import hashlib
 import json
-import os
 import sys
 import time
 import types
@@ -28,8 +27,9 @@ from .cpu import kernel_setting
 from .files import write_json_atomic
 from .fingerprint import model_fingerprint
 from .fused import FusedAdapter
+from .paths import cache_root
 from .runner import EXACT, Plan, Runner, Span
-from .zoo import cache_root, first_line
+from .zoo import first_line
 
 RECORD_VERSION = 4
 # Verify widths with a graph of their own; a full-depth pass of another width is padded up to the next one, and
@@ -106,7 +106,6 @@ def _compiled(function: types.FunctionType, owner: object) -> Callable:
     """`function` compiled for one owner (an adapter, a drafter): a copy of its own, since dynamo keys graphs by
     code object, with the guards on the owner's objects dropped (~1,700 of them, a millisecond a call), as they
     never change; the inputs stay guarded."""
-    use_selfspec_inductor_cache()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     own = _function_copy(function, f"{function.__name__}_{id(owner):x}")
     return torch.compile(
@@ -231,11 +230,6 @@ def _function_copy(function: types.FunctionType, name: str) -> types.FunctionTyp
 
 def _input_guards(entries: list) -> list[bool]:
     return [not (entry.name.startswith(("adapter", "plan")) or entry.is_global) for entry in entries]
-
-
-def use_selfspec_inductor_cache() -> None:
-    """Inductor's FX-graph and AOT caches under the selfspec cache (not /tmp), unless the user chose a place."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
 
 
 @dataclass

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from .fingerprint import model_fingerprint
 from .fused import MATRICES, FusedAdapter, FusedLayer, FusedLinear, layer_linears, stacked
 from .graph_ops import kernel_handle, registered_linear
-from .zoo import cache_root
+from .paths import cache_root
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZE = 32

@@ -41,6 +41,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from selfspec.errors import DownloadError, ModelNotFoundError, SelfspecError, UnsupportedModelError
+from selfspec.paths import cache_root
 
 try:
     import fcntl
@@ -144,10 +145,6 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
     raise SelfspecError(f"unsupported dtype {dtype!r}; choose one of: {', '.join(_DTYPES)}")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SELFSPEC_CACHE") or "~/.cache/selfspec").expanduser()
 
 
 def _console() -> Console:
