@@ -127,6 +127,13 @@ def _static_inputs(h: torch.Tensor, position: int, keys: list, values: list) -> 
     return torch.arange(position, position + width, device=h.device), key_range
 
 
+def _timed(call: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """call()'s result and its seconds: a graph's first call, which compiles it or loads it from disk."""
+    started = time.perf_counter()
+    out = call()
+    return out, time.perf_counter() - started
+
+
 class CompiledStep:
     """`full_step` compiled for one adapter, a graph per bucket width; `run` takes the eager loop's cache."""
 
@@ -139,12 +146,11 @@ class CompiledStep:
         """Logits [1, T, V] for h [1, T, D] (T a bucket) at positions [position, +T); keys/values: the full per-layer
         buffers, which must hold more than position + T positions."""
         positions, key_range = _static_inputs(h, position, keys, values)
+        call = partial(self._step, self.adapter, h, positions, keys, values, key_range)
         width = h.shape[1]
         if width in self.compile_seconds:
-            return self._step(self.adapter, h, positions, keys, values, key_range)
-        started = time.perf_counter()
-        logits = self._step(self.adapter, h, positions, keys, values, key_range)
-        self.compile_seconds[width] = time.perf_counter() - started
+            return call()
+        logits, self.compile_seconds[width] = _timed(call)
         return logits
 
 
@@ -160,12 +166,12 @@ class CompiledSegment:
     def run(self, h: torch.Tensor, position: int, keys: list, values: list) -> torch.Tensor:
         """h [1, 1, D] after layers [first, stop) at `position`."""
         positions, key_range = _static_inputs(h, position, keys, values)
-        args = (self.adapter, self.plan, self.first, self.stop, h, positions, keys, values, key_range)
+        call = partial(
+            self._layers, self.adapter, self.plan, self.first, self.stop, h, positions, keys, values, key_range
+        )
         if self.compile_seconds is not None:
-            return self._layers(*args)
-        started = time.perf_counter()
-        out = self._layers(*args)
-        self.compile_seconds = time.perf_counter() - started
+            return call()
+        out, self.compile_seconds = _timed(call)
         return out
 
 
