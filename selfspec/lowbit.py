@@ -5,7 +5,9 @@ At batch 1 a decode step is bound by the weight bytes it streams, so a draft ove
 fraction of a step while agreeing with the full model far more often than a shallower draft does. The model's
 parameters are never touched. Quantised values are made once per model, dtype and scheme and kept beside the
 zoo cache as safetensors (never pickle); which kernel runs them is chosen by timing the candidates on this
-device over all the model's matrices in a row, as a decode step streams them.
+device over all the model's matrices in a row, as a decode step streams them. int8 has a kernel that rounds the
+activations as well (fbgemm's dynamic linear): on a CPU where it wins, the draft agrees a little less often, and
+the verify pass, which never runs a low-bit weight, emits the same tokens.
 """
 
 import os
@@ -20,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .cpu import cpu_flags
 from .fingerprint import model_fingerprint
 from .fused import MATRICES, FusedAdapter, FusedLayer, FusedLinear, layer_linears, stacked
 from .graph_ops import kernel_handle, registered_linear
@@ -97,13 +100,29 @@ def _int4pack(q: QuantizedMatrix, dtype: torch.dtype, device: torch.device) -> C
     return lambda x: torch._weight_int4pack_mm_for_cpu(x, packed, GROUP_SIZE, scales_and_zeros)
 
 
+def _fbgemm_dynamic(q: QuantizedMatrix, dtype: torch.dtype, device: torch.device) -> Callable:
+    """int8 weights against int8 activations, rounded per call (fbgemm's dynamic linear): integer dot products,
+    which on some CPUs stream int8 weights much faster than the weight-only kernel's float ones. Rounding the
+    activations too changes only how often the draft agrees, never what the verify pass emits."""
+    if device.type != "cpu":
+        raise NotImplementedError("fbgemm runs on the CPU")
+    # Without VNNI, fbgemm's 8-bit products can saturate 16-bit sums unless activations keep 7 bits
+    reduce_range = not {"avx512_vnni", "avx_vnni"} & set(cpu_flags().split())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantised tensors are deprecated; here they only carry codes into fbgemm
+        zero_points = torch.zeros(q.shape[0], dtype=torch.long)
+        weight = torch._make_per_channel_quantized_tensor(q.values, q.scales[:, 0].double(), zero_points, 0)
+        packed = torch.ops.quantized.linear_prepack(weight, None)
+    return lambda x: torch.ops.quantized.linear_dynamic(x.float(), packed, reduce_range).to(dtype)
+
+
 def _dequantized(q: QuantizedMatrix, dtype: torch.dtype, device: torch.device) -> Callable:
     """The same rounded values in the compute dtype, through the fused forward's own matrix product."""
     return FusedLinear(q.dequantize().to(device, dtype), None, [q.shape[0]])
 
 
 KERNELS: dict[str, dict[str, Callable]] = {
-    "int8": {"int8pack": _int8pack, "dequantized": _dequantized},
+    "int8": {"int8pack": _int8pack, "fbgemm-dynamic": _fbgemm_dynamic, "dequantized": _dequantized},
     "int4": {"int4pack": _int4pack, "dequantized": _dequantized},
 }
 

@@ -7,8 +7,9 @@ import torch
 
 from selfspec.zoo import load_model
 
-# CI runners and the dev box have 2 cores; more threads only adds contention
-torch.set_num_threads(2)
+# CI runners and the dev box have 2 cores; more threads only adds contention. The suite runs in two pytest-xdist
+# workers (most of its time is compiling, which takes one core), so each worker computes on one.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 # Tests that want the compiled one-token step ask for it (backend="compiled"); elsewhere the step stays eager, so
 # no test pays a compile it does not test, and tune's and eval's tests time the same step on every machine.
 os.environ.setdefault("SELFSPEC_DECODE_STEP", "eager")

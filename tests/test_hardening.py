@@ -54,6 +54,7 @@ def test_bad_schedules_are_one_line_errors(smollm2_fp32, schedule_file, data, me
         selfspec.wrap(smollm2_fp32[0], selfspec.Schedule.from_file(path))
 
 
+@pytest.mark.xdist_group("qwen05")  # one worker holds the float32 qwen (~5 GB with its derived weights)
 def test_a_schedule_for_another_model_is_refused_and_another_dtype_warned(smollm2_fp32, qwen05_fp32, tmp_path):
     from selfspec.fingerprint import model_identity
 

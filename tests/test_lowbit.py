@@ -43,11 +43,16 @@ def test_every_kernel_computes_what_the_codes_stand_for(smollm2_fp32, scheme, dt
     model, _ = smollm2_fp32
     q = quantize(model.model.layers[0].mlp.gate_proj.weight, scheme)
     x = torch.randn(1, q.shape[1], dtype=dtype)
-    expected = F.linear(x.float(), q.dequantize())
+    expected = F.linear(x.float(), q.dequantize())  # [1, N]
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    # fbgemm's kernel rounds x too, to 255 (or 127) steps over its range including 0: each product is then off by
+    # at most half a step times the row's absolute sum
+    step = (x.float().max().clamp_min(0) - x.float().min().clamp_max(0)) / 127
+    rounded_x = step / 2 * q.dequantize().abs().sum(1)  # [N]
     for name, build in KERNELS[scheme].items():
         got = build(q, dtype, torch.device("cpu"))(x).float()
-        assert torch.allclose(got, expected, rtol=tolerance, atol=tolerance * expected.abs().max()), name
+        slack = rounded_x if name == "fbgemm-dynamic" else 0
+        assert bool(((got - expected).abs() <= tolerance * (expected.abs() + expected.abs().max()) + slack).all()), name
 
 
 def test_draft_weights_are_kept_on_disk_and_loaded_back(smollm2_fp32, tmp_path, monkeypatch):

@@ -83,6 +83,7 @@ def test_smollm2_loads_as_an_eval_sdpa_model_with_tied_embeddings(smollm2_fp32):
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+@pytest.mark.xdist_group("qwen05")  # one worker holds the float32 qwen (~5 GB with its derived weights)
 def test_qwen05_loads_and_writes_code(qwen05_fp32):
     model, tokenizer = qwen05_fp32
     assert model.config.num_hidden_layers == ZOO["qwen2.5-coder-0.5b"].layers == 24
