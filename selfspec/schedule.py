@@ -102,7 +102,8 @@ class Schedule:
         )
         _check(
             _is_int(self.context_min_ngram) and 1 <= self.context_min_ngram <= max(1, self.context_ngram),
-            f"context_min_ngram must be an integer in [1, context_ngram], got {self.context_min_ngram!r}",
+            f"context_min_ngram must be an integer in [1, {max(1, self.context_ngram)}] (1 to context_ngram), "
+            f"got {self.context_min_ngram!r}",
         )
         _check(
             _is_int(self.context_max_draft) and 1 <= self.context_max_draft <= 64,
