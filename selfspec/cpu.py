@@ -1,5 +1,6 @@
 """What CPU this is: its name and the instruction sets that decide which kernels are fast on it."""
 
+import functools
 import os
 import platform
 from pathlib import Path
@@ -21,6 +22,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache  # a kernel builder asks once per matrix; the CPU does not change in a process
 def cpu_flags() -> str:
     """The instruction sets that decide which kernels are fast here (speed figures differ between them)."""
     try:
