@@ -16,14 +16,14 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from selfspec.schedule import Schedule
 from selfspec.wrap import default_schedule
 
-VERSION = 2  # studies made over another space are not resumed with this one
+VERSION = 3  # studies made over another space are not resumed with this one
 MAX_WIDTH = 8  # widths past this need near-perfect agreement to pay
 # A copy costs no draft step, so its width is bounded only by how the verify pass grows with width.
 MAX_CONTEXT_WIDTH = 12
 MAX_VERIFY_TOKENS = max(MAX_WIDTH, MAX_CONTEXT_WIDTH) + 1  # the verify widths the costs are measured at
 CONTEXT_NGRAM = 4
 ANNEAL = (0.0, 3.0)
-CONFIDENCE = (0.2, 0.99)
+CONFIDENCE = (0.0, 0.99)  # 0: a round stops only at its width or EOS
 
 
 def skip_candidates(num_layers: int) -> range:
@@ -124,7 +124,8 @@ def seeds(num_layers: int, schemes: tuple[str, ...] = (), head_vocabs: tuple[int
     sets alone (skipping half of all sublayers agrees with the full model almost nowhere).
 
     They follow what tends to pay: the whole model over low-bit weights with a small head (QuantSpec's
-    self-draft), alone and beside context copies; a few attention sublayers skipped in the late-middle
+    self-draft), alone and beside context copies, and the whole model over low-bit weights drafting wide with no
+    floor (where it agrees almost always); a few attention sublayers skipped in the late-middle
     layers, or an exit a little before the top, with a high confidence floor and a small width; context
     copies alone, and beside a layer draft; plus the untuned default.
     """
@@ -143,7 +144,11 @@ def seeds(num_layers: int, schemes: tuple[str, ...] = (), head_vocabs: tuple[int
             **extra,
         )  # fmt: skip
         for s in schemes
-        for v, extra in ((small, {}), (small, copies), (0, {}))
+        for v, extra in ((small, {}), (small, copies))
+    ] + [
+        # near-perfect agreement: a wide round that fills the 8-token verify bucket, no floor
+        Schedule(**{f"{s}_attn": every, f"{s}_mlp": every}, head_precision=s, max_draft=7, anneal=1.0)
+        for s in schemes
     ]
     return (
         lowbit

@@ -179,26 +179,22 @@ def _layer_round(
     s: Scored, t: int, room: int, schedule: Schedule, costs: Costs, exact_depth: int, draft_step: float, width: Width
 ) -> tuple[int, float]:
     """(accepted, seconds) of a layer-draft round starting at continuation position t."""
-    proposed, steps = 0, 0
+    proposed = 0
     while proposed < room:
-        steps += 1
-        if s.confidence[t + proposed] < schedule.confidence:
+        proposed += 1  # an unsure token is proposed too; the round ends after it
+        if s.confidence[t + proposed - 1] < schedule.confidence:
             break
-        proposed += 1
     accepted = next((i for i in range(proposed) if not s.agree[t + i]), proposed)
     width.update(proposed, accepted)
-    return accepted, _round_seconds(costs, proposed, steps, exact_depth, draft_step)
+    return accepted, _round_seconds(costs, proposed, exact_depth, draft_step)
 
 
-def _round_seconds(costs: Costs, proposed: int, steps: int, exact_depth: int, draft_step: float) -> float:
-    if steps == 0:
+def _round_seconds(costs: Costs, proposed: int, exact_depth: int, draft_step: float) -> float:
+    if proposed == 0:
         return costs.step  # no room left: the loop feeds the pending token through the whole model
-    seconds = steps * draft_step + costs.verify_pass(proposed + 1, exact_depth)
-    if steps == proposed:
-        # Every drafted token was confident, so the last proposal was never fed through the draft: the
-        # drafter brings it up to the exact prefix before the verify pass.
-        seconds += costs.prefix(exact_depth)
-    return seconds
+    # One draft step per proposal; the last proposal was never fed through the draft, so the drafter brings
+    # it up to the exact prefix before the verify pass.
+    return proposed * draft_step + costs.prefix(exact_depth) + costs.verify_pass(proposed + 1, exact_depth)
 
 
 def leviathan_bound(alpha: float, gamma: int, c: float) -> float:

@@ -149,6 +149,10 @@ class LayerDrafter:
         effective_depth = exit_layer - skipped_sublayers / 2
         return 1.0 + self.schedule.anneal * (1.0 - effective_depth / self.num_layers)
 
+    def _confidence(self, logits: torch.Tensor, exit_layer: int, choice: int) -> float:
+        """The drafted token's probability under the exit's annealed softmax (logits: [V])."""
+        return float(torch.softmax(logits.float() / self.temperatures[exit_layer], dim=-1)[choice])
+
     def draft(self, pending: int, position: int, room: int, sampler: Sampler, eos: set[int]) -> Draft:
         width = min(self.width.current, room)
         inputs, proposals, saved, reached, probs = [pending], [], [], [], []
@@ -157,15 +161,17 @@ class LayerDrafter:
             token, confident, prob, depth_states, depth = self._step(inputs[-1], position + len(inputs) - 1, sampler)
             saved.append(depth_states)
             reached.append(depth)
-            if not confident:
-                reason = STOP_DEPTH if self.deeper_exits_cut else STOP_CONFIDENCE
-                break
+            # An unsure token is still proposed, only the round ends there: its draft step is already paid, and
+            # one more verified position costs far less than the step it saves whenever the model agrees.
             proposals.append(token)
             probs.append(prob)
             if token in eos:
                 reason = STOP_EOS
                 break
             inputs.append(token)
+            if not confident:
+                reason = STOP_DEPTH if self.deeper_exits_cut else STOP_CONFIDENCE
+                break
         verify_start = min(reached)
         states = [s[verify_start] for s in saved]  # each [1, 1, D]
         if len(states) < len(inputs):
@@ -197,8 +203,8 @@ class LayerDrafter:
                 choice = int(sampler.sample(q[None])[0])
             else:
                 q, choice = None, int(logits.argmax())
-            annealed = torch.softmax(logits.float() / self.temperatures[boundary], dim=-1)[choice]
-            confident = float(annealed) >= self.schedule.confidence
+            floor = self.schedule.confidence
+            confident = floor <= 0 or self._confidence(logits, boundary, choice) >= floor  # no floor, no softmax
             if confident or boundary == self.exits[-1]:
                 depth = min(boundary, self.exact_depth)
                 return choice, confident, q, depth_states, depth

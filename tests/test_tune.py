@@ -11,12 +11,12 @@ import optuna
 import pytest
 import torch
 from click.testing import CliRunner
-from selfspec.search import command
+from selfspec.search import command, space
 from selfspec.search.anneal import GRID, expected_calibration_error, fit_anneal
 from selfspec.search.command import calibrate_command, tune_command
 from selfspec.search.costs import Costs, measure_costs
 from selfspec.search.prompts import BUILTIN, read_prompts, split
-from selfspec.search.surrogate import leviathan_bound, predict, prepare, score
+from selfspec.search.surrogate import drafter_for, leviathan_bound, predict, prepare, score, simulate
 from selfspec.search.teacher import encode_prompt, greedy_continuations
 from selfspec.search.tune import TuneConfig, completed, open_study, tune
 from test_architectures import tiny
@@ -97,6 +97,31 @@ def test_shallow_drafts_are_cheaper_and_agree_less(smollm2_fp32, calibrated):
     assert shallow.bound == pytest.approx(leviathan_bound(shallow.agreement, 3, shallow.draft_cost))
 
 
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        selfspec.Schedule(exit_layer=20, max_draft=4, anneal=1.0, confidence=0.5),
+        selfspec.Schedule(exit_layer=14, max_draft=5, anneal=0.5, confidence=0.3, adaptive_width=True),
+    ],
+)
+def test_replay_has_the_live_loops_rounds(smollm2_fp32, calibrated, schedule):
+    """An exit draft with no skip computes its layers exactly, so teacher forcing sees what decoding sees: in
+    float32 the replay must end its rounds where the live loop does (width, unsure token, adaptive width)."""
+    model, _ = smollm2_fp32
+    texts, costs = calibrated
+    drafter = drafter_for(model, schedule)
+    replay = simulate(texts, score(model, texts, schedule), schedule, costs, drafter.exact_depth, 0.5 * costs.step)
+    fast = selfspec.wrap(model, schedule, backend="eager")
+    live_rounds = 0
+    for text in texts:
+        prompt = torch.tensor([text.prompt])
+        out = fast.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=len(text.positions))
+        assert out[0].tolist() == text.tokens.tolist()
+        live_rounds += fast.last_stats.rounds
+    assert replay.tokens == sum(len(t.positions) for t in texts)
+    assert replay.rounds == live_rounds
+
+
 def test_costs_price_passes_as_decoding_runs_them(tmp_path, monkeypatch):
     monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
     model = tiny("llama")
@@ -163,7 +188,7 @@ def test_tune_writes_a_schedule_that_runs_and_resumes(smollm2_fp32, tmp_path, on
     storage = f"sqlite:///{out.with_suffix('.db')}"
     resumed = CliRunner().invoke(tune_command, [*common, "--trials", "2", "--finalists", "0"])
     assert resumed.exit_code == 0, resumed.output
-    assert study_trials(storage, "smollm2-135m-float32-speed-space2") == 5
+    assert study_trials(storage, f"smollm2-135m-float32-speed-space{space.VERSION}") == 5
 
 
 def test_two_workers_share_one_study(smollm2_fp32, tmp_path):
@@ -198,7 +223,9 @@ def test_ctrl_c_prints_how_to_resume(tmp_path, monkeypatch):
     result = CliRunner().invoke(tune_command, ["smollm2-135m", "--out", str(out), "--trials", "7"])
     assert result.exit_code == 130
     assert f"--storage sqlite:///{out.with_suffix('.db')}" in result.output
-    assert "--study smollm2-135m-bfloat16-speed-space2" in result.output and "--trials 7" in result.output
+    assert (
+        f"--study smollm2-135m-bfloat16-speed-space{space.VERSION}" in result.output and "--trials 7" in result.output
+    )
 
 
 def test_a_study_refuses_another_objective(tmp_path):
