@@ -32,7 +32,8 @@ class Schedule:
     max_draft: width bound, drafted tokens per round (0: drafting off, the plain decoder).
     anneal: a in T_l = 1 + a * (1 - l / L); draft logits from effective depth l are divided by T_l before
         their confidence is read.
-    confidence: the round stops as soon as a draft token's annealed probability is below this floor.
+    confidence: the round ends at the first draft token whose annealed probability is below this floor (that token
+        is still proposed; 0: no floor).
     max_depth: depth bound for dynamic exit; a token that would need a deeper exit ends the round.
     adaptive_width: grow the width after fully accepted rounds, shrink it after a rejection.
     context_ngram: longest tail n-gram a context draft looks up in the prompt and the text so far, copying
