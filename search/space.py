@@ -133,23 +133,14 @@ def seeds(num_layers: int, schemes: tuple[str, ...] = (), head_vocabs: tuple[int
     copies = {"context_ngram": 3, "context_min_ngram": 1, "context_max_draft": 8}
     every = tuple(range(num_layers))
     small = min((v for v in head_vocabs if v), default=0)
-    lowbit = [
-        Schedule(
-            **{f"{s}_attn": every, f"{s}_mlp": every},
-            head_precision=s,
-            head_vocab=v,
-            max_draft=3,
-            anneal=1.0,
-            confidence=0.5,
-            **extra,
-        )  # fmt: skip
-        for s in schemes
-        for v, extra in ((small, {}), (small, copies))
-    ] + [
-        # near-perfect agreement: a wide round that fills the 8-token verify bucket, no floor
-        Schedule(**{f"{s}_attn": every, f"{s}_mlp": every}, head_precision=s, max_draft=7, anneal=1.0)
-        for s in schemes
-    ]
+
+    def whole(scheme: str, **rounds) -> Schedule:
+        return Schedule(**{f"{scheme}_attn": every, f"{scheme}_mlp": every}, head_precision=scheme, **rounds)
+
+    narrow = {"max_draft": 3, "anneal": 1.0, "confidence": 0.5}
+    lowbit = [whole(s, head_vocab=v, **narrow, **extra) for s in schemes for v, extra in ((small, {}), (small, copies))]
+    # near-perfect agreement: a wide round that fills the 8-token verify bucket, no floor
+    lowbit += [whole(s, max_draft=7, anneal=1.0) for s in schemes]
     return (
         lowbit
         + [
