@@ -272,10 +272,11 @@ def tune_command(
     seconds = time.perf_counter() - started
     if result.plain is None:
         console.print(
-            f"added trials to study {config.study!r} in {config.storage}: {result.trials} finished "
-            f"({seconds:.0f}s); measure with --trials 0"
+            f"added trials to study {config.study!r} in {config.storage}: {result.trials} finished, "
+            f"{result.pruned} pruned ({seconds:.0f}s); measure with --trials 0"
         )
         return
+    console.print(f"study: {result.trials} schedules scored, {result.pruned} more pruned on their early figure")
     console.print(_table(result))
     for scheme, kernels in result.schedule.meta.get("kernels", {}).items():
         console.print(kernels_line(scheme, kernels), soft_wrap=True)

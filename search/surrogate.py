@@ -9,7 +9,7 @@ and how much of it the model keeps is known exactly; the replay runs the engine'
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 from selfspec.evals.floor import draft_weight_bytes
@@ -75,6 +75,8 @@ class Prediction:
     context_acceptance: float = 0.0  # share of copied proposals the model kept
     context_share: float = 0.0  # share of emitted tokens that were kept copies
     draft_bytes: float = 0.0  # weight bytes one layer-draft token reads
+    early_speedup: float = 0.0  # the speedup predicted on the first texts alone (`early_texts`)
+    texts: int = 0  # calibration texts scored: fewer than all when the early figure pruned the schedule
 
     def to_dict(self) -> dict:
         return {k: round(v, 4) for k, v in self.__dict__.items()}
@@ -89,6 +91,9 @@ class Replay:
     tokens: int = 0
     context_drafted: int = 0
     context_accepted: int = 0
+
+    def __add__(self, other: "Replay") -> "Replay":
+        return Replay(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
 @torch.inference_mode()
@@ -114,9 +119,11 @@ def drafter_for(model: PreTrainedModel, schedule: Schedule) -> LayerDrafter:
 
 
 @torch.inference_mode()
-def score(model: PreTrainedModel, texts: list[Text], schedule: Schedule) -> list[Scored]:
+def score(
+    model: PreTrainedModel, texts: list[Text], schedule: Schedule, drafter: LayerDrafter | None = None
+) -> list[Scored]:
     """Teacher-forced draft agreement and annealed confidence at every position (one pass per text)."""
-    drafter = drafter_for(model, schedule)
+    drafter = drafter or drafter_for(model, schedule)
     exit_layer = drafter.exits[-1]
     start = drafter.exact_depth
     out = []
@@ -124,7 +131,11 @@ def score(model: PreTrainedModel, texts: list[Text], schedule: Schedule) -> list
         h = text.draft_states(start, exit_layer, drafter.plan)
         drafter.begin(text.prompt)  # the draft head also scores the prompt's tokens
         logits = drafter.head(h)[0].float()  # [N, V]
-        confidence, tokens = torch.softmax(logits / drafter.temperatures[exit_layer], dim=-1).max(-1)
+        if schedule.confidence > 0:
+            confidence, tokens = torch.softmax(logits / drafter.temperatures[exit_layer], dim=-1).max(-1)
+        else:  # no floor: a round never looks at its confidence, so the softmax over the vocabulary is skipped
+            tokens = logits.argmax(-1)
+            confidence = torch.ones(len(tokens))
         out.append(Scored((tokens == text.targets).tolist(), confidence.tolist()))
     return out
 
@@ -203,18 +214,37 @@ def leviathan_bound(alpha: float, gamma: int, c: float) -> float:
     return tokens / (gamma * c + 1)
 
 
-def predict(model: PreTrainedModel, texts: list[Text], costs: Costs, schedule: Schedule) -> Prediction:
+def early_texts(count: int) -> int:
+    """How many calibration texts a schedule is scored on before it may be pruned."""
+    return max(1, count // 3)
+
+
+def predict(
+    model: PreTrainedModel, texts: list[Text], costs: Costs, schedule: Schedule, prune_below: float | None = None
+) -> Prediction:
+    """The schedule's predicted speed over `texts`. With `prune_below`, a schedule whose speedup on the first
+    `early_texts` falls below it is not scored on the rest: most sampled drafts are far off the best, and the
+    teacher-forced passes are nearly all of a trial's time."""
     if not schedule.drafting:
-        return Prediction(0.0, 0.0, 1.0, 1.0, 1.0)
-    scored, alpha, c, draft_step, exact_depth = None, 0.0, 0.0, 0.0, 0
+        return Prediction(0.0, 0.0, 1.0, 1.0, 1.0, texts=len(texts))
+    drafter, draft_step, exact_depth = None, 0.0, 0
     if schedule.max_draft > 0:
         drafter = drafter_for(model, schedule)
         draft_step = costs.draft_step(drafter.exits[-1], schedule)
         exact_depth = drafter.exact_depth
-        scored = score(model, texts, schedule)
-        alpha = sum(sum(s.agree) for s in scored) / sum(len(s.agree) for s in scored)
-        c = draft_step / costs.step
-    replay = simulate(texts, scored, schedule, costs, exact_depth, draft_step)
+
+    def replayed(part: list[Text]) -> tuple[list[Scored] | None, Replay]:
+        scored = score(model, part, schedule, drafter) if drafter else None
+        return scored, simulate(part, scored, schedule, costs, exact_depth, draft_step)
+
+    counted = early_texts(len(texts))
+    scored, replay = replayed(texts[:counted])
+    early_speedup = replay.tokens * costs.step / replay.seconds
+    if prune_below is None or early_speedup >= prune_below:
+        more, rest = replayed(texts[counted:])
+        scored, replay, counted = (scored + more if drafter else None), replay + rest, len(texts)
+    alpha = sum(sum(s.agree) for s in scored) / sum(len(s.agree) for s in scored) if scored else 0.0
+    c = draft_step / costs.step
     return Prediction(
         agreement=alpha,
         draft_cost=c,
@@ -224,4 +254,6 @@ def predict(model: PreTrainedModel, texts: list[Text], costs: Costs, schedule: S
         context_acceptance=replay.context_accepted / replay.context_drafted if replay.context_drafted else 0.0,
         context_share=replay.context_accepted / replay.tokens,
         draft_bytes=draft_weight_bytes(model, schedule) if schedule.max_draft else 0.0,
+        early_speedup=early_speedup,
+        texts=counted,
     )

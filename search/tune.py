@@ -40,6 +40,10 @@ OBJECTIVES = ("speed", "speed+acceptance")
 # Measured speedups this close to 1 are within run-to-run noise; drafting must clearly pay to be chosen.
 MIN_SPEEDUP = 1.02
 MIN_ACCEPTED_LENGTH = 1.05  # predicted tokens per verify pass for a finalist
+# A sampled schedule predicted on the first calibration texts below this share of the best early figure so far
+# is pruned there. Every schedule is scored on the same texts in the same order, so early figures compare like
+# with like; a third of the texts already separates the bulk of the space (agreement 0.3-0.7) from the best.
+PRUNE_SHARE = 0.8
 # A running trial's worker writes a heartbeat this often; a trial whose heartbeat is older than the grace
 # period belongs to a worker that died (killed, machine lost), and the next worker to start a trial marks it
 # FAIL instead of leaving it RUNNING forever. Three beats of grace: a busy machine may delay one.
@@ -87,6 +91,7 @@ class TuneResult:
     finalists: list[Measurement]
     chosen: Measurement | None  # None: drafting off (nothing beat plain, or nothing was measured)
     trials: int  # finished trials in the study
+    pruned: int  # trials of the study pruned on their early figure
 
 
 class Reporter:
@@ -224,11 +229,17 @@ def calibrate(
 
 
 def _evaluate(
-    model: PreTrainedModel, texts: list[Text], costs: Costs, frequent: tuple[int, ...], objective: str, params: dict
+    model: PreTrainedModel,
+    texts: list[Text],
+    costs: Costs,
+    frequent: tuple[int, ...],
+    objective: str,
+    params: dict,
+    prune_below: float | None = None,
 ) -> tuple:
     """(objective values, trial attributes) of the schedule that `params` describe."""
     schedule = space.schedule_of(params, costs.num_layers, frequent)
-    prediction = predict(model, texts, costs, schedule)
+    prediction = predict(model, texts, costs, schedule, prune_below)
     values = [prediction.speedup] + ([prediction.accepted_length] if objective == "speed+acceptance" else [])
     return values, {"schedule": schedule.to_dict(), "prediction": prediction.to_dict()}
 
@@ -263,7 +274,7 @@ def search(
         if seeds:
             _add(study, distributions, seeds.pop(0), evaluate)
         else:
-            _sample(study, distributions, evaluate)
+            _sample(study, distributions, evaluate, len(texts), config.objective == "speed")
         reporter.trial(done, best_predicted(study))
 
 
@@ -274,16 +285,23 @@ def _add(study: optuna.Study, distributions: dict, params: dict, evaluate: Calla
     study.add_trial(trial)
 
 
-def _sample(study: optuna.Study, distributions: dict, evaluate: Callable) -> None:
+def _sample(study: optuna.Study, distributions: dict, evaluate: Callable, texts: int, prune: bool) -> None:
     """One trial from the sampler, run by study.optimize: it first marks FAIL the trials of workers whose
     heartbeat stopped, beats for this trial while it runs, and marks it FAIL on any error, Ctrl-C included,
-    so no trial stays RUNNING in a shared study."""
+    so no trial stays RUNNING in a shared study. With `prune` (one objective: Optuna prunes no other), a trial
+    whose early figure falls far below the best is marked PRUNED at it, which TPE still learns from."""
+    best_early = max((t.user_attrs["prediction"].get("early_speedup", 0.0) for t in completed(study)), default=0.0)
+    prune_below = PRUNE_SHARE * best_early if prune and best_early else None
 
     def objective(trial: optuna.Trial) -> list[float]:
         trial.set_user_attr("worker", WORKER)  # first, so a trial left by a killed worker says whose it was
-        values, attrs = evaluate({name: _suggest(trial, name, d) for name, d in distributions.items()})
+        values, attrs = evaluate({name: _suggest(trial, name, d) for name, d in distributions.items()}, prune_below)
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
+        scored = attrs["prediction"]["texts"]
+        if scored < texts:
+            trial.report(values[0], step=scored)
+            raise optuna.TrialPruned()
         return values
 
     study.optimize(objective, n_trials=1)
@@ -299,6 +317,10 @@ def _suggest(trial: optuna.Trial, name: str, d: optuna.distributions.BaseDistrib
 
 def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def pruned(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,)))
 
 
 def best_predicted(study: optuna.Study) -> float | None:
@@ -419,6 +441,7 @@ def _meta(
         "prompts": prompts,
         "study": study.study_name,
         "trials": len(completed(study)),
+        "trials_pruned": pruned(study),
         "objective": config.objective,
         "seed": config.seed,
     }
@@ -458,7 +481,7 @@ def tune(
     if config.trials > 0:
         search(study, model, texts, costs, frequent, config, reporter)
     if config.finalists == 0:
-        return TuneResult(Schedule.plain(), None, [], None, len(completed(study)))
+        return TuneResult(Schedule.plain(), None, [], None, len(completed(study)), pruned(study))
     finalists = [
         Measurement(Schedule.from_dict(t.user_attrs["schedule"]), t) for t in pick_finalists(study, config.finalists)
     ]
@@ -472,4 +495,4 @@ def tune(
     }
     schedule = (chosen.schedule if chosen else Schedule.plain()).with_meta(**meta)
     schedule.to_file(config.out)
-    return TuneResult(schedule, runs[0], finalists, chosen, meta["trials"])
+    return TuneResult(schedule, runs[0], finalists, chosen, meta["trials"], meta["trials_pruned"])

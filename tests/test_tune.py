@@ -16,7 +16,7 @@ from selfspec.search.anneal import GRID, expected_calibration_error, fit_anneal
 from selfspec.search.command import calibrate_command, tune_command
 from selfspec.search.costs import Costs, measure_costs
 from selfspec.search.prompts import BUILTIN, read_prompts, split
-from selfspec.search.surrogate import drafter_for, leviathan_bound, predict, prepare, score, simulate
+from selfspec.search.surrogate import drafter_for, early_texts, leviathan_bound, predict, prepare, score, simulate
 from selfspec.search.teacher import encode_prompt, greedy_continuations
 from selfspec.search.tune import TuneConfig, completed, open_study, tune
 from test_architectures import tiny
@@ -95,6 +95,21 @@ def test_shallow_drafts_are_cheaper_and_agree_less(smollm2_fp32, calibrated):
     assert shallow.draft_cost < 0.8 < skipping.draft_cost
     assert shallow.agreement < skipping.agreement
     assert shallow.bound == pytest.approx(leviathan_bound(shallow.agreement, 3, shallow.draft_cost))
+
+
+def test_a_schedule_far_below_the_best_is_pruned_on_the_early_texts(smollm2_fp32, calibrated):
+    model, _ = smollm2_fp32
+    texts, costs = calibrated
+    schedule = selfspec.Schedule(exit_layer=15, max_draft=3, anneal=1.0, confidence=0.5)
+    whole = predict(model, texts, costs, schedule)
+    first = early_texts(len(texts))
+    early = predict(model, texts[:first], costs, schedule)
+    assert whole.texts == len(texts) > first and whole.early_speedup == pytest.approx(early.speedup)
+    pruned = predict(model, texts, costs, schedule, prune_below=whole.early_speedup * 1.01)
+    assert pruned.texts == first and pruned.speedup == pytest.approx(early.speedup)
+    assert pruned.agreement == pytest.approx(early.agreement)
+    kept = predict(model, texts, costs, schedule, prune_below=whole.early_speedup)
+    assert kept.texts == len(texts) and kept.speedup == pytest.approx(whole.speedup)
 
 
 @pytest.mark.parametrize(
