@@ -199,17 +199,18 @@ class DraftWeights:
     head_kernel: str
     kernels: dict[str, str]  # "layers" / "head" -> what ran, with each candidate's measured pass time
     # packing a head for its kernel takes longer than a decode step (~0.4 s on qwen2.5-coder-0.5b), so it is done
-    # once per row set, not at every generate
-    heads: dict[tuple, LowbitLinear] = field(default_factory=dict, repr=False)
+    # once per row set, not at every generate; only the packed kernel is kept, not the dequantised copy a
+    # LowbitLinear makes for wide inputs (hundreds of MB in float32), which goes with its draft head
+    head_runs: dict[tuple, tuple[QuantizedMatrix, Callable]] = field(default_factory=dict, repr=False)
 
     def head_linear(self, rows: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> LowbitLinear:
         """The LM head's low-bit matrix, or only its `rows`, run by the kernel chosen for the full head."""
         key = (None if rows is None else tuple(rows.tolist()), dtype, device)
-        if key not in self.heads:
+        if key not in self.head_runs:
             matrix = self.head if rows is None else self.head.rows(rows.cpu())
-            run = KERNELS[self.scheme][self.head_kernel](matrix, dtype, device)
-            self.heads[key] = LowbitLinear(matrix, run, None, [matrix.shape[0]])
-        return self.heads[key]
+            self.head_runs[key] = matrix, KERNELS[self.scheme][self.head_kernel](matrix, dtype, device)
+        matrix, run = self.head_runs[key]
+        return LowbitLinear(matrix, run, None, [matrix.shape[0]])
 
 
 def draft_weights(adapter: FusedAdapter, scheme: str) -> DraftWeights:

@@ -173,8 +173,8 @@ def test_a_low_bit_draft_head_is_packed_once_not_at_every_generate(smollm2_fp32)
     model, tokenizer = smollm2_fp32
     fast = selfspec.wrap(model, Schedule(int4_mlp=(0,), head_precision="int4", head_vocab=512))
     ids = tokenizer("The sea", return_tensors="pt").input_ids
-    heads = draft_weights(engine_adapter(model), "int4").heads
+    heads = draft_weights(engine_adapter(model), "int4").head_runs
     fast.generate(ids, max_new_tokens=4, do_sample=False)
     built = dict(heads)
     fast.generate(ids, max_new_tokens=4, do_sample=False)
-    assert heads.keys() == built.keys() and all(heads[key] is built[key] for key in built)
+    assert heads.keys() == built.keys() and all(heads[key][1] is built[key][1] for key in built)
