@@ -199,7 +199,7 @@ class DraftWeights:
     head_kernel: str
     kernels: dict[str, str]  # "layers" / "head" -> what ran, with each candidate's measured pass time
     # packing a head for its kernel takes longer than a decode step (~0.4 s on qwen2.5-coder-0.5b), so it is done
-    # once per row set, not at every generate; only the packed kernel is kept, not the dequantised copy a
+    # for the row set last used, not at every generate; only the packed kernel is kept, not the dequantised copy a
     # LowbitLinear makes for wide inputs (hundreds of MB in float32), which goes with its draft head
     head_runs: dict[tuple, tuple[QuantizedMatrix, Callable]] = field(default_factory=dict, repr=False)
 
@@ -207,6 +207,7 @@ class DraftWeights:
         """The LM head's low-bit matrix, or only its `rows`, run by the kernel chosen for the full head."""
         key = (None if rows is None else tuple(rows.tolist()), dtype, device)
         if key not in self.head_runs:
+            self.head_runs.clear()  # one head at a time: tune tries many row sets, decoding reuses one
             matrix = self.head if rows is None else self.head.rows(rows.cpu())
             self.head_runs[key] = matrix, KERNELS[self.scheme][self.head_kernel](matrix, dtype, device)
         matrix, run = self.head_runs[key]
