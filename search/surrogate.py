@@ -95,6 +95,10 @@ class Replay:
     def __add__(self, other: "Replay") -> "Replay":
         return Replay(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
+    def speedup(self, step: float) -> float:
+        """Plain steps of `step` seconds for these tokens over the replayed time."""
+        return self.tokens * step / self.seconds
+
 
 @torch.inference_mode()
 def prepare(model: PreTrainedModel, continuations: list[Continuation]) -> list[Text]:
@@ -239,7 +243,7 @@ def predict(
 
     counted = early_texts(len(texts))
     scored, replay = replayed(texts[:counted])
-    early_speedup = replay.tokens * costs.step / replay.seconds
+    early_speedup = replay.speedup(costs.step)
     if prune_below is None or early_speedup >= prune_below:
         more, rest = replayed(texts[counted:])
         scored, replay, counted = (scored + more if drafter else None), replay + rest, len(texts)
@@ -249,7 +253,7 @@ def predict(
         agreement=alpha,
         draft_cost=c,
         accepted_length=replay.tokens / replay.rounds,
-        speedup=replay.tokens * costs.step / replay.seconds,
+        speedup=replay.speedup(costs.step),
         bound=leviathan_bound(alpha, schedule.max_draft, c) if schedule.max_draft else 1.0,
         context_acceptance=replay.context_accepted / replay.context_drafted if replay.context_drafted else 0.0,
         context_share=replay.context_accepted / replay.tokens,
