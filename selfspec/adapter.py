@@ -5,7 +5,7 @@ its attention interface, MLP) one sublayer at a time, which is what lets a draft
 early while the verify pass runs the very same code as `model.generate`.
 """
 
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 
 import torch
 from torch import nn
@@ -20,20 +20,23 @@ SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 @dataclass
 class Adapter:
-    """How to run one sublayer of a supported model; holds references, never copies of weights."""
+    """How to run one sublayer of a supported model; holds references to its modules, never copies of weights,
+    and not the model itself: the engine keeps its adapters in a dictionary keyed weakly by the model, which a
+    reference back to the model would keep alive for good (with every derived weight)."""
 
-    model: PreTrainedModel
+    model: InitVar[PreTrainedModel]
     family: str
 
-    def __post_init__(self) -> None:
-        inner = self.model.model
+    def __post_init__(self, model: PreTrainedModel) -> None:
+        inner = model.model
         self.layers: nn.ModuleList = inner.layers
         self.embed_tokens: nn.Module = inner.embed_tokens
         self.rotary: nn.Module = inner.rotary_emb
         self.final_norm: nn.Module = inner.norm
-        self.lm_head: nn.Module = self.model.lm_head
+        self.lm_head: nn.Module = model.lm_head
+        self.config = model.config
         self.num_layers: int = len(self.layers)
-        self.attn_implementation: str = self.model.config._attn_implementation
+        self.attn_implementation: str = model.config._attn_implementation
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)  # [B, T] -> [B, T, D]

@@ -25,7 +25,6 @@ import torch
 from .cache import PositionedCache
 from .cpu import kernel_setting
 from .files import write_json_atomic
-from .fingerprint import model_fingerprint
 from .fused import FusedAdapter
 from .paths import cache_root
 from .runner import EXACT, Plan, Runner, Span
@@ -258,7 +257,7 @@ def record_path(adapter: FusedAdapter, what: str = "passes") -> Path:
     dtype = str(adapter.lm_head.weight.dtype).removeprefix("torch.")
     machine = f"{kernel_setting()}|{torch.__version__}|{torch.get_num_threads()} threads"
     key = hashlib.sha256(machine.encode()).hexdigest()[:12]
-    name = f"{model_fingerprint(adapter.model)}-{dtype}-{key}-{what}-v{RECORD_VERSION}.json"
+    name = f"{adapter.fingerprint}-{dtype}-{key}-{what}-v{RECORD_VERSION}.json"
     return cache_root() / "steps" / name
 
 
@@ -326,7 +325,7 @@ def _best_ms(calls: dict[str, Callable[[int], object]]) -> dict[str, float]:
 
 def scratch_cache(adapter: FusedAdapter, length: int) -> PositionedCache:
     cache = PositionedCache(adapter.num_layers, length)
-    cache.allocate(adapter.model.config, adapter.lm_head.weight.dtype, adapter.lm_head.weight.device)
+    cache.allocate(adapter.config, adapter.lm_head.weight.dtype, adapter.lm_head.weight.device)
     return cache
 
 

@@ -4,8 +4,9 @@ Each layer's q/k/v projections become one matrix and gate/up another, so a layer
 instead of 7; where the CPU has bfloat16 instructions the matrices are also re-laid out once for oneDNN's
 packed kernels, which at batch 1 stream the weights faster than `F.linear` (`selfspec bench` shows the plain
 loop on each forward next to `model.generate`). The model's parameters
-are never touched: everything here is a copy, built once per model, dtype and device (so weights changed
-in place after that are not seen: wrap the model again, or use `backend="reference"`).
+are never touched: stacked and re-laid-out matrices are copies (a lone matrix such as `o_proj`, where not
+re-laid out, is read in place), built once per model, dtype and device (so weights changed in place after that
+are not all seen: wrap the model again, or use `backend="reference"`).
 
 Only families whose layer is exactly llama's (RMSNorm, rotary q/k, SiLU-gated MLP) take this path; others,
 and `backend="reference"`, run the model's own modules through `Adapter`.
@@ -22,6 +23,7 @@ from transformers import PreTrainedModel
 from .adapter import Adapter, adapter_for
 from .cpu import packed_bf16
 from .errors import GenerationInputError, UnsupportedModelError
+from .fingerprint import model_fingerprint
 from .graph_ops import kernel_handle, registered_linear
 
 FUSED_FAMILIES = ("llama", "mistral", "qwen2")
@@ -61,7 +63,11 @@ class FusedLinear:
 
 
 def stacked(layers: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layers' weights stacked into one [sum of N, K] matrix, and their biases likewise (or None)."""
+    """The layers' weights stacked into one [sum of N, K] matrix, and their biases likewise (or None). A single
+    layer's weight is its own (no copy: it is only read, and a float32 model would otherwise be held twice)."""
+    if len(layers) == 1:
+        bias = layers[0].bias
+        return layers[0].weight.detach(), None if bias is None else bias.detach()
     weight = torch.cat([layer.weight.detach() for layer in layers])
     biases = [layer.bias for layer in layers]
     return weight, None if biases[0] is None else torch.cat([b.detach() for b in biases])
@@ -143,8 +149,9 @@ class FusedLayer:
 class FusedAdapter(Adapter):
     """`Adapter`'s interface over fused weights; attention is always SDPA."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def __post_init__(self, model: PreTrainedModel) -> None:
+        super().__post_init__(model)
+        self.fingerprint = model_fingerprint(model)  # names the derived weights and timings kept on disk
         self.attn_implementation = "sdpa"
         self.fused = [FusedLayer.of(layer) for layer in self.layers]
         self.head = FusedLinear.stacking([self.lm_head])

@@ -23,7 +23,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .cpu import cpu_flags
-from .fingerprint import model_fingerprint
 from .fused import MATRICES, FusedAdapter, FusedLayer, FusedLinear, layer_linears, stacked
 from .graph_ops import kernel_handle, registered_linear
 from .paths import cache_root
@@ -253,7 +252,7 @@ def _said(chosen: str, times: dict[str, float]) -> str:
 
 def cache_path(adapter: FusedAdapter, scheme: str) -> Path:
     dtype = str(adapter.lm_head.weight.dtype).removeprefix("torch.")
-    return cache_root() / "lowbit" / f"{model_fingerprint(adapter.model)}-{dtype}-{scheme}-g{GROUP_SIZE}.safetensors"
+    return cache_root() / "lowbit" / f"{adapter.fingerprint}-{dtype}-{scheme}-g{GROUP_SIZE}.safetensors"
 
 
 def _load_or_quantize(adapter: FusedAdapter, scheme: str) -> dict[str, QuantizedMatrix]:

@@ -1,5 +1,8 @@
 """Every supported family, built small from a config (losslessness needs no trained weights)."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
@@ -51,6 +54,17 @@ def test_fused_backend_is_taken_and_copies_the_weights(family):
     assert all(qkv.data_ptr() != p.data_ptr() for p in model.parameters())
     qkv.zero_()  # the derived copy is the engine's own: the model never sees it
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_a_dropped_model_is_freed_with_everything_derived_from_it():
+    model = tiny("llama")
+    ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+    low_bit = selfspec.Schedule(int4_mlp=(0, 1), head_precision="int4", head_vocab=64, max_draft=3)
+    selfspec.wrap(model, low_bit).generate(ids, max_new_tokens=8)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None  # the engine's adapter, low-bit copies and draft head do not keep it
 
 
 def test_unfusable_family_or_backend_is_refused_clearly():
