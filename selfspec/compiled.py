@@ -39,6 +39,10 @@ BUCKETS = (1, 2, 4, 6, 8, 12, 16)
 TIMED_STEPS = 8  # per round of an eager-or-compiled measurement
 TIMED_ROUNDS = 6
 TIMED_KEYS = 256  # the key length the measurement runs at: a typical prompt plus part of a reply
+# Processes that time a choice before it holds, the choice taken on their mean: on a shared machine the same
+# measurement in two processes has come out 25% apart either way (qwen2.5-coder-0.5b's int4 draft step: 27.7 ms
+# compiled / 22.2 eager in one, 24.5 / 28.2 in another), and one unlucky process should not decide for good.
+RECORD_SAMPLES = 3
 # Room for every model, dtype and bucket a process compiles (dynamo's default is 8 graphs a function, then eager).
 RECOMPILE_LIMIT = 64
 
@@ -196,7 +200,7 @@ class CompiledPasses:
         return self.step.run(h, position, keys, values)
 
     def draft_segment(self, plan: Plan, first: int, stop: int) -> "CompiledSegment | None":
-        """The draft's layers [first, stop) compiled, or None where eager measured faster (once per plan). One
+        """The draft's layers [first, stop) compiled, or None where eager measured faster (see `decode_step`). One
         graph per adapter and plan, kept with the adapter: each generate makes a new drafter."""
         adapter = self.step.adapter
         digest = _plan_digest(plan, first, stop)
@@ -207,13 +211,8 @@ class CompiledPasses:
             return segments[digest]
         chosen = adapter.derived.setdefault("draft segments chosen", {})
         if digest not in chosen:
-            path = record_path(adapter, "draft-" + digest)
-            record = load_records(path).get(1)
-            if record is None:
-                what = f"draft step over layers {first}-{stop - 1}"
-                record = _measured(what, partial(measure_segment, segments[digest]))
-                write_records(path, {1: record})
-            chosen[digest] = record.compiled_wins
+            timing = {1: (f"draft step over layers {first}-{stop - 1}", partial(measure_segment, segments[digest]))}
+            chosen[digest] = sampled_records(record_path(adapter, "draft-" + digest), timing)[1].compiled_wins
         return segments[digest] if chosen[digest] else None
 
 
@@ -241,16 +240,29 @@ def _input_guards(entries: list) -> list[bool]:
 
 @dataclass
 class StepRecord:
-    """What the first use on this machine measured for one bucket: pass times, eager and compiled, and the
-    compile."""
+    """What the first uses on this machine measured for one bucket: pass times, eager and compiled (each the mean
+    over `samples` processes), and the first compile."""
 
     eager_ms: float
     compiled_ms: float | None  # None: it did not compile here
     compile_seconds: float
+    samples: int = 1
 
     @property
     def compiled_wins(self) -> bool:
         return self.compiled_ms is not None and self.compiled_ms < self.eager_ms
+
+    @property
+    def settled(self) -> bool:
+        """Whether the choice holds without another process's sample (one that did not compile never will)."""
+        return self.compiled_ms is None or self.samples >= RECORD_SAMPLES
+
+    def with_sample(self, new: "StepRecord") -> "StepRecord":
+        if new.compiled_ms is None or self.compiled_ms is None:
+            return new
+        n = self.samples
+        return StepRecord((self.eager_ms * n + new.eager_ms) / (n + 1), (self.compiled_ms * n + new.compiled_ms) / (n + 1),
+                          self.compile_seconds, n + 1)  # fmt: skip
 
 
 def record_path(adapter: FusedAdapter, what: str = "passes") -> Path:
@@ -280,7 +292,26 @@ def load_records(path: Path) -> dict[int, StepRecord]:
 def _record_of(entry: dict) -> StepRecord:
     compiled = entry["compiled_ms"]
     return StepRecord(float(entry["eager_ms"]), None if compiled is None else float(compiled),
-                      float(entry["compile_seconds"]))  # fmt: skip
+                      float(entry["compile_seconds"]), int(entry.get("samples", 1)))  # fmt: skip
+
+
+_sampled_here: set[tuple[Path, int]] = set()  # (record file, bucket) this process has timed: one sample a process
+
+
+def sampled_records(path: Path, timing: dict[int, tuple[str, Callable[[], StepRecord]]]) -> dict[int, StepRecord]:
+    """The records kept at `path`, where each bucket of `timing` (bucket -> what it times, how) has been timed in
+    this process if its record still wants a sample."""
+    records = load_records(path)
+    for bucket, (what, measure_it) in timing.items():
+        record = records.get(bucket)
+        if (record is not None and record.settled) or (path, bucket) in _sampled_here:
+            continue
+        _sampled_here.add((path, bucket))
+        sample = _measured(what, measure_it, 1 if record is None else record.samples + 1)
+        records[bucket] = sample if record is None else record.with_sample(sample)
+        _say_choice(what, records[bucket])
+        write_records(path, records)
+    return records
 
 
 @torch.inference_mode()
@@ -340,8 +371,9 @@ def compiled_step(adapter: FusedAdapter) -> CompiledStep:
 def decode_step(adapter: FusedAdapter, mode: str, max_width: int = 1) -> CompiledPasses | None:
     """The compiled passes a decode runs, or None for all eager. mode "compiled" compiles every bucket, and the
     draft's layers, as first needed; "auto" compiles the buckets up to `max_width`, and the draft's layers, where
-    that measured faster than eager on this machine (measured once per bucket or draft plan, kept on disk beside
-    the zoo cache, and said on stderr, since a first measurement pays a compile)."""
+    that measured faster than eager on this machine (timed in each of the first RECORD_SAMPLES processes to use a
+    bucket or draft plan, kept on disk beside the zoo cache, and said on stderr, since a first timing pays a
+    compile)."""
     if mode == "eager":
         return None
     if mode == "compiled":
@@ -349,31 +381,32 @@ def decode_step(adapter: FusedAdapter, mode: str, max_width: int = 1) -> Compile
     wins = adapter.derived.setdefault("pass wins", {})  # read from disk once per adapter, not at every generate
     needed = BUCKETS[: BUCKETS.index(bucket_for(min(max_width, BUCKETS[-1]))) + 1]
     if any(bucket not in wins for bucket in needed):
-        path = record_path(adapter)
-        records = load_records(path)
-        for bucket in needed:
-            if bucket not in records:
-                what = "decode step" if bucket == 1 else f"{bucket}-token verify pass"
-                records[bucket] = _measured(what, partial(measure, adapter, bucket))
-                write_records(path, records)
+        timing = {
+            b: ("decode step" if b == 1 else f"{b}-token verify pass", partial(measure, adapter, b)) for b in needed
+        }
+        records = sampled_records(record_path(adapter), timing)
         wins.update({bucket: record.compiled_wins for bucket, record in records.items()})
     return CompiledPasses(compiled_step(adapter), wins)
 
 
-def _measured(what: str, measure_it: Callable[[], StepRecord]) -> StepRecord:
-    print(f"selfspec: timing the compiled {what} against eager for this model, dtype and machine (once) ...",
-          file=sys.stderr)  # fmt: skip
+def _measured(what: str, measure_it: Callable[[], StepRecord], sample: int) -> StepRecord:
+    print(f"selfspec: timing the compiled {what} against eager for this model, dtype and machine (process "
+          f"{sample} of the first {RECORD_SAMPLES}) ...", file=sys.stderr)  # fmt: skip
     try:
         record = measure_it()
     except Exception as e:  # noqa: BLE001 - no compiler, or an op inductor cannot lower: eager is always there
         print(f"selfspec: the {what} did not compile ({first_line(e)}); eager", file=sys.stderr)
         return StepRecord(eager_ms=0.0, compiled_ms=None, compile_seconds=0.0)
-    print(
-        f"selfspec: compiled in {record.compile_seconds:.0f} s; the {what} takes {record.compiled_ms:.2f} ms compiled, "
-        f"{record.eager_ms:.2f} ms eager: {'compiled' if record.compiled_wins else 'eager'}",
-        file=sys.stderr,
-    )
+    print(f"selfspec: compiled in {record.compile_seconds:.0f} s; the {what} took {record.compiled_ms:.2f} ms compiled, "
+          f"{record.eager_ms:.2f} ms eager", file=sys.stderr)  # fmt: skip
     return record
+
+
+def _say_choice(what: str, record: StepRecord) -> None:
+    if record.compiled_ms is None:
+        return
+    print(f"selfspec: the {what}, mean of {record.samples} process(es): {record.compiled_ms:.2f} ms compiled, "
+          f"{record.eager_ms:.2f} ms eager: {'compiled' if record.compiled_wins else 'eager'}", file=sys.stderr)  # fmt: skip
 
 
 def step_line(adapter: FusedAdapter) -> str:
@@ -391,6 +424,7 @@ def step_line(adapter: FusedAdapter) -> str:
         took = f"; this process loaded it in {loaded:.1f} s" if loaded else ""
         parts.append(
             f"{width}: {record.compiled_ms:.1f} compiled / {record.eager_ms:.1f} eager "
-            f"(first compile {record.compile_seconds:.0f} s{took}) -> {'compiled' if record.compiled_wins else 'eager'}"
+            f"(first compile {record.compile_seconds:.0f} s{took}; {record.samples} process(es)) -> "
+            f"{'compiled' if record.compiled_wins else 'eager'}"
         )
-    return "full-depth passes by width, ms, measured once here: " + "; ".join(parts)
+    return "full-depth passes by width, ms, measured here: " + "; ".join(parts)

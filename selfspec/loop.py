@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch.profiler import record_function
 
 from .drafting import SOURCE_LAYER, Draft, HybridDrafter, LayerDrafter, PlainDrafter
@@ -20,7 +21,7 @@ from .verify import accept_greedy, accept_sampled
 PREFILL, DRAFT, VERIFY = "selfspec.prefill", "selfspec.draft", "selfspec.verify"
 # Figures that merge by adding them up.
 TOTALS = ("rounds", "drafted", "accepted", "new_tokens", "seconds", "layer_draft_steps", "layer_draft_seconds",
-          "layer_rejections")  # fmt: skip
+          "layer_rejections", "prefill_seconds")  # fmt: skip
 # Counters that merge by adding counts (stop reasons, accepted lengths, and the per-source tallies).
 COUNTERS = ("stop_reasons", "accepted_lengths", "rounds_by_source", "drafted_by_source", "accepted_by_source")
 
@@ -33,7 +34,8 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     new_tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole call, prompt pass included
+    prefill_seconds: float = 0.0  # the prompt pass alone: the same work for every method
     layer_draft_steps: int = 0  # forwards the layer draft ran (one per token it looked at)
     layer_draft_seconds: float = 0.0  # time inside the layer draft's rounds before their verify passes
     layer_rejections: int = 0  # layer-draft rounds in which the full model rejected a proposal
@@ -54,6 +56,12 @@ class GenerationStats:
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def decode_seconds_per_token(self) -> float:
+        """Seconds per new token after the prompt pass: what speculation changes, and what Leviathan's bound is
+        about (a long prompt's pass would otherwise dilute a short reply's figure)."""
+        return (self.seconds - self.prefill_seconds) / self.new_tokens if self.new_tokens else 0.0
 
     @property
     def layer_draft_step_seconds(self) -> float:
@@ -81,6 +89,7 @@ class GenerationStats:
             "accepted": self.accepted,
             "new_tokens": self.new_tokens,
             "seconds": round(self.seconds, 4),
+            "prefill_seconds": round(self.prefill_seconds, 4),
             "mean_accepted_length": round(self.mean_accepted_length, 3),
             "acceptance_rate": round(self.acceptance_rate, 3),
             "tokens_per_second": round(self.tokens_per_second, 2),
@@ -114,6 +123,9 @@ def decode(
         with record_function(PREFILL):
             h = runner.embed(prompt[:-1])
             runner.layers(h, runner.span(h, 0), 0, num_layers)  # prefill: fills the cache, no logits needed
+        if h.is_cuda:
+            torch.cuda.synchronize(h.device)  # the clock below is the prompt pass's, not its launch's
+    stats.prefill_seconds = time.perf_counter() - started
     drafter.begin(prompt)
     position, pending = len(prompt) - 1, prompt[-1]
     produced = 0

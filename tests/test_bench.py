@@ -57,6 +57,7 @@ def test_bench_times_every_loop_and_profiles_draft_and_verify(model_loads, tmp_p
         assert method["prompts"] == 1 and method["tokens"] == 8 and method["ms_per_token"] > 0
         assert method["identical"] == 1, method  # float32: every loop gives generate's tokens
     assert figures["floor_ms_per_token"] > 0 and "floor" in result.output
+    assert figures["layer_draft"]["decode_speedup"] > 0 and "of the bound" in result.output
     # the profile splits the speculating loop's time between its draft steps and verify passes
     assert "speculation: selfspec.draft" in result.output and "speculation: selfspec.verify" in result.output
     assert "aten::" in result.output

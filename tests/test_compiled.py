@@ -44,31 +44,47 @@ def test_one_graph_serves_every_position_and_cache_length():
     assert counters["stats"]["unique_graphs"] == graphs + 1
 
 
-def test_auto_measures_each_bucket_once_and_keeps_the_record(tmp_path, monkeypatch):
+def test_auto_times_each_bucket_in_the_first_three_processes_and_keeps_their_mean(tmp_path, monkeypatch):
     monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
-    measured = []
+
+    def new_process() -> None:
+        monkeypatch.setattr(compiled, "_sampled_here", set())
+
+    timed: list[tuple[int, compiled.StepRecord]] = []
     measure = compiled.measure
-    monkeypatch.setattr(compiled, "measure", lambda adapter, width: measured.append(width) or measure(adapter, width))
+    monkeypatch.setattr(compiled, "measure", lambda a, width: timed.append((width, measure(a, width))) or timed[-1][1])
+    new_process()
     first = engine_adapter(tiny("llama"))
     compiled.decode_step(first, "auto")  # a plain loop: the one-token step only
     compiled.decode_step(first, "auto", max_width=3)  # drafts verified 3 wide: buckets 2 and 4 as well
-    assert measured == [1, 2, 4]
+    assert [width for width, _ in timed] == [1, 2, 4]
     path = compiled.record_path(first)
     records = json.loads(path.read_text())
     assert sorted(records) == ["1", "2", "4"]
     for record in records.values():
         assert record["eager_ms"] > 0 and record["compiled_ms"] > 0 and record["compile_seconds"] > 0
-        assert record["compiled_wins"] == (record["compiled_ms"] < record["eager_ms"])
+        assert record["compiled_wins"] == (record["compiled_ms"] < record["eager_ms"]) and record["samples"] == 1
     passes = compiled.decode_step(first, "auto", max_width=4)
     wins = {int(width): record["compiled_wins"] for width, record in records.items()}
     for width, bucket in ((1, 1), (2, 2), (3, 4), (4, 4)):
         assert (passes.bucket(width) if passes else None) == (bucket if wins[bucket] else None)
-    second = engine_adapter(tiny("llama"))  # the same model again, as a new process would load it
-    compiled.decode_step(second, "auto", max_width=4)
-    assert measured == [1, 2, 4]
-    path.write_text("{not json")  # a damaged record is measured again
+    compiled.decode_step(engine_adapter(tiny("llama")), "auto", max_width=4)  # the same process: no second timing
+    assert len(timed) == 3
+    for _ in range(compiled.RECORD_SAMPLES):  # two more processes time each bucket; the fourth reads the record
+        new_process()
+        compiled.decode_step(engine_adapter(tiny("llama")), "auto", max_width=3)
+    assert [width for width, _ in timed] == [1, 2, 4] * compiled.RECORD_SAMPLES
+    records = json.loads(path.read_text())
+    for width, record in records.items():
+        samples = [r for w, r in timed if w == int(width)]
+        assert record["samples"] == compiled.RECORD_SAMPLES
+        assert record["eager_ms"] == pytest.approx(sum(r.eager_ms for r in samples) / len(samples))
+        assert record["compiled_ms"] == pytest.approx(sum(r.compiled_ms for r in samples) / len(samples))
+        assert record["compiled_wins"] == (record["compiled_ms"] < record["eager_ms"])
+    path.write_text("{not json")  # a damaged record is timed again
+    new_process()
     compiled.decode_step(engine_adapter(tiny("llama")), "auto")
-    assert measured == [1, 2, 4, 1] and json.loads(path.read_text())["1"]["eager_ms"] > 0
+    assert len(timed) == 10 and json.loads(path.read_text())["1"]["samples"] == 1
 
 
 def test_auto_measures_a_draft_plan_once_and_drafts_through_it(tmp_path, monkeypatch):
