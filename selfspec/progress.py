@@ -127,7 +127,11 @@ class Lines:
     def _beat(self) -> None:
         while not self.stopped.wait(max(0.0, self.printed + self.interval - time.perf_counter())):
             with self.lock:
-                if self.name is not None and time.perf_counter() - self.printed >= self.interval:
+                if time.perf_counter() - self.printed < self.interval:
+                    continue
+                if self.name is None:  # between phases: nothing to say, but the wait restarts (no spinning)
+                    self.printed = time.perf_counter()
+                else:
                     self._print(self._line(final=False))
 
     def _line(self, final: bool) -> str:

@@ -32,6 +32,14 @@ def test_lines_tell_phases_and_the_latest_state_on_a_timer():
     assert not lines.timer.is_alive()
 
 
+def test_the_timer_sleeps_before_the_first_phase():
+    out = io.StringIO()
+    cpu = time.process_time()
+    with Lines("eval", out, interval=0.02):
+        time.sleep(0.5)  # nothing to report yet: the timer must wait, not spin on the lock (it held the GIL)
+    assert time.process_time() - cpu < 0.2 and out.getvalue() == ""
+
+
 def test_ctrl_c_stops_the_timer():
     out = io.StringIO()
     with pytest.raises(KeyboardInterrupt), Lines("eval", out, interval=0.01) as lines:
