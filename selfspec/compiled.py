@@ -258,7 +258,7 @@ class StepRecord:
         return self.compiled_ms is None or self.samples >= RECORD_SAMPLES
 
     def with_sample(self, new: "StepRecord") -> "StepRecord":
-        if new.compiled_ms is None or self.compiled_ms is None:
+        if new.compiled_ms is None:  # (an unsettled record compiled: see `settled`)
             return new
         n = self.samples
         return StepRecord((self.eager_ms * n + new.eager_ms) / (n + 1), (self.compiled_ms * n + new.compiled_ms) / (n + 1),
@@ -309,7 +309,7 @@ def sampled_records(path: Path, timing: dict[int, tuple[str, Callable[[], StepRe
         _sampled_here.add((path, bucket))
         sample = _measured(what, measure_it, 1 if record is None else record.samples + 1)
         records[bucket] = sample if record is None else record.with_sample(sample)
-        _say_choice(what, records[bucket])
+        _say_choice(what, sample, records[bucket])
         write_records(path, records)
     return records
 
@@ -397,16 +397,16 @@ def _measured(what: str, measure_it: Callable[[], StepRecord], sample: int) -> S
     except Exception as e:  # noqa: BLE001 - no compiler, or an op inductor cannot lower: eager is always there
         print(f"selfspec: the {what} did not compile ({first_line(e)}); eager", file=sys.stderr)
         return StepRecord(eager_ms=0.0, compiled_ms=None, compile_seconds=0.0)
-    print(f"selfspec: compiled in {record.compile_seconds:.0f} s; the {what} took {record.compiled_ms:.2f} ms compiled, "
-          f"{record.eager_ms:.2f} ms eager", file=sys.stderr)  # fmt: skip
     return record
 
 
-def _say_choice(what: str, record: StepRecord) -> None:
+def _say_choice(what: str, sample: StepRecord, record: StepRecord) -> None:
+    """This process's timing and the choice it leaves; nothing where it did not compile (`_measured` said so)."""
     if record.compiled_ms is None:
         return
-    print(f"selfspec: the {what}, mean of {record.samples} process(es): {record.compiled_ms:.2f} ms compiled, "
-          f"{record.eager_ms:.2f} ms eager: {'compiled' if record.compiled_wins else 'eager'}", file=sys.stderr)  # fmt: skip
+    print(f"selfspec: compiled in {sample.compile_seconds:.0f} s; the {what} took {sample.compiled_ms:.2f} ms compiled, "
+          f"{sample.eager_ms:.2f} ms eager here; mean of {record.samples} process(es) {record.compiled_ms:.2f} / "
+          f"{record.eager_ms:.2f} ms: {'compiled' if record.compiled_wins else 'eager'}", file=sys.stderr)  # fmt: skip
 
 
 def step_line(adapter: FusedAdapter) -> str:
