@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from selfspec.evals.floor import draft_weight_bytes, step_weight_bytes
+from test_architectures import tiny
 from test_sampling import SAMPLES, TEMPERATURE, TOP_K, exact_pair_distribution, p_value
 
 import selfspec
@@ -43,16 +44,34 @@ def test_every_kernel_computes_what_the_codes_stand_for(smollm2_fp32, scheme, dt
     model, _ = smollm2_fp32
     q = quantize(model.model.layers[0].mlp.gate_proj.weight, scheme)
     x = torch.randn(1, q.shape[1], dtype=dtype)
-    expected = F.linear(x.float(), q.dequantize())  # [1, N]
-    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
-    # fbgemm's kernel rounds x too, to 255 (or 127) steps over its range including 0: each product is then off by
-    # at most half a step times the row's absolute sum
-    step = (x.float().max().clamp_min(0) - x.float().min().clamp_max(0)) / 127
-    rounded_x = step / 2 * q.dequantize().abs().sum(1)  # [N]
     for name, build in KERNELS[scheme].items():
-        got = build(q, dtype, torch.device("cpu"))(x).float()
-        slack = rounded_x if name == "fbgemm-dynamic" else 0
-        assert bool(((got - expected).abs() <= tolerance * (expected.abs() + expected.abs().max()) + slack).all()), name
+        assert_computes_the_codes(build(q, dtype, torch.device("cpu")), q, x, name)
+
+
+def test_the_w4a8_kernel_pads_rows_to_whole_blocks_and_takes_several_inputs(smollm2_fp32):
+    model, _ = smollm2_fp32
+    q = quantize(model.model.layers[0].mlp.down_proj.weight, "int4").rows(torch.arange(100))  # 6 blocks and 4 rows
+    run = KERNELS["int4"]["w4a8"](q, torch.float32, torch.device("cpu"))
+    x = torch.randn(3, q.shape[1])
+    assert run(x).shape == (3, 100)
+    for row in x.split(1):
+        assert_computes_the_codes(run, q, row, "w4a8")
+
+
+def assert_computes_the_codes(run, q, x: torch.Tensor, name: str) -> None:
+    """run(x [1, K]) is x @ W.T for the values q's codes stand for, up to the compute dtype and, for a kernel that
+    rounds x as well, that rounding: half a step on each input times the row's absolute weights."""
+    expected = F.linear(x.float(), q.dequantize())[0]  # [N]
+    tolerance = 1e-4 if x.dtype == torch.float32 else 5e-2
+    weights, xs = q.dequantize().abs(), x.float()[0]
+    slack = 0
+    if name == "fbgemm-dynamic":  # x rounded to 255 (or 127) steps over its range including 0
+        slack = (xs.max().clamp_min(0) - xs.min().clamp_max(0)) / 127 / 2 * weights.sum(1)
+    if name == "w4a8":  # x rounded to 127 steps of its largest magnitude per group of 32; float16 scales and mins
+        steps = (xs.view(-1, GROUP_SIZE).abs().amax(-1) / 127).repeat_interleave(GROUP_SIZE)  # [K]
+        slack = (weights * steps / 2).sum(1) + 2**-9 * (weights * xs.abs()).sum(1)
+    got = run(x).float()[0]
+    assert bool(((got - expected).abs() <= tolerance * (expected.abs() + expected.abs().max()) + slack).all()), name
 
 
 def test_draft_weights_are_kept_on_disk_and_loaded_back(smollm2_fp32, tmp_path, monkeypatch):
@@ -178,3 +197,19 @@ def test_a_low_bit_draft_head_is_packed_once_not_at_every_generate(smollm2_fp32)
     built = dict(heads)
     fast.generate(ids, max_new_tokens=4, do_sample=False)
     assert heads.keys() == built.keys() and all(heads[key][1] is built[key][1] for key in built)
+
+
+@pytest.mark.parametrize("kernel", ["w4a8", "fbgemm-dynamic"])
+def test_compiled_low_bit_drafts_match_generate(kernel, monkeypatch):
+    # w4a8 is traced into the draft's graph; fbgemm's packed weights are called by handle
+    scheme = next(s for s, kernels in KERNELS.items() if kernel in kernels)
+    monkeypatch.setitem(KERNELS, scheme, {kernel: KERNELS[scheme][kernel]})  # the kernel under test, not the fastest
+    model = tiny("qwen2")
+    every = tuple(range(model.config.num_hidden_layers))
+    schedule = Schedule(**{f"{scheme}_attn": every, f"{scheme}_mlp": every}, head_precision=scheme, max_draft=3)
+    ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+    expected = model.generate(ids, max_new_tokens=16, do_sample=False)
+    fast = selfspec.wrap(model, schedule, backend="compiled")
+    assert torch.equal(fast.generate(ids, max_new_tokens=16), expected)
+    assert fast.last_stats.layer_draft_steps > 0
+    assert draft_weights(engine_adapter(model), scheme).kernels["layers"].startswith(kernel)
