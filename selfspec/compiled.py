@@ -217,11 +217,14 @@ class CompiledPasses:
 
 
 def _plan_digest(plan: Plan, first: int, stop: int) -> str:
-    """What the draft runs in layers [first, stop): per sublayer skipped, exact, or a low-bit scheme."""
+    """What the draft runs in layers [first, stop): per sublayer skipped, exact, or a low-bit scheme and the
+    kernel that runs it (a graph traces some kernels and calls others by handle: not the same graph to time)."""
 
     def form(i: int, skipped: frozenset, weights) -> str:
+        if i in skipped:
+            return "skip"
         derived = weights.get(i)
-        return "skip" if i in skipped else ("exact" if derived is None else derived.qkv.matrix.scheme)
+        return "exact" if derived is None else f"{derived.qkv.matrix.scheme} {derived.qkv.kernel}"
 
     forms = [(form(i, plan.skip_attn, plan.attn_weights), form(i, plan.skip_mlp, plan.mlp_weights))
              for i in range(first, stop)]  # fmt: skip

@@ -154,7 +154,7 @@ class LowbitLinear:
     def __init__(
         self, matrix: QuantizedMatrix, kernel: str, run: Callable, bias: torch.Tensor | None, sizes: list[int]
     ):
-        self.matrix, self.run, self.bias, self.sizes = matrix, run, bias, sizes
+        self.matrix, self.kernel, self.run, self.bias, self.sizes = matrix, kernel, run, bias, sizes
         self.traceable = kernel in TRACEABLE
         self.wide: FusedLinear | None = None
         self.handle = kernel_handle(self)
