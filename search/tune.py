@@ -49,7 +49,7 @@ PRUNE_SHARE = 0.8
 # FAIL instead of leaving it RUNNING forever. Three beats of grace: a busy machine may delay one.
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 3 * HEARTBEAT_SECONDS
-STORAGE_ATTEMPTS = 3  # workers that start together on a new database race to create its tables
+STORAGE_ATTEMPTS = 5  # workers that start together on a new database race to create its tables
 # Which machine and process made a trial: shown in the study (optuna-dashboard) when workers share it.
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -134,14 +134,23 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                 )
         except ImportError as e:
             raise SelfspecError(_missing_driver(url, e)) from None
-        except (sqlalchemy.exc.IntegrityError, optuna.exceptions.StorageInternalError) as e:
-            error = e  # another worker created the same tables first
-            time.sleep(1.0)
-        except sqlalchemy.exc.SQLAlchemyError as e:
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
             error = e
-            break
+            if not _lost_table_race(e):
+                break
+            time.sleep(1.0)
     reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
     raise SelfspecError(f"cannot open --storage {_hide_password(url)}: {reason}") from None
+
+
+def _lost_table_race(error: Exception) -> bool:
+    """Whether `error` says another worker created the same tables first. PostgreSQL says it in two ways,
+    depending on how far the other's CREATE TABLE got: a duplicate table (42P07) or a duplicate row of its
+    catalogue (23505, an IntegrityError); SQLite says the table already exists."""
+    if isinstance(error, (sqlalchemy.exc.IntegrityError, optuna.exceptions.StorageInternalError)):
+        return True
+    original = getattr(error, "orig", None)
+    return getattr(original, "pgcode", None) in ("42P07", "42710") or "already exists" in str(original or "")
 
 
 @contextmanager

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 from click.testing import CliRunner
-from selfspec.search.tune import GRACE_SECONDS, MIN_SPEEDUP
+from selfspec.search.tune import GRACE_SECONDS, MIN_SPEEDUP, _lost_table_race
 from test_tune import store_small_calibration, write_prompts
 
 import selfspec
@@ -186,9 +187,24 @@ def test_an_unreachable_server_is_one_line_without_the_password(tmp_path):
 
 
 def test_workers_starting_together_on_a_new_database_all_open_it(postgres):
-    # they race to create the study tables; before the retry, one of three usually failed
+    # they race to create the study tables; before the retry, one of three often failed
     code = f"from selfspec.search.tune import open_storage; open_storage({postgres!r})"
-    workers = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    workers = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(6)]
     for worker in workers:
         _, errors = worker.communicate(timeout=120)
         assert worker.returncode == 0, errors
+
+
+def test_a_table_another_worker_created_first_counts_as_the_race(postgres):
+    # the CREATE TABLE that comes second fails as the table's (42P07), not as its catalogue row's (23505)
+    engine = sqlalchemy.create_engine(postgres)
+    create = sqlalchemy.text("CREATE TABLE made_by_another_worker (id integer)")
+    with engine.begin() as connection:
+        connection.execute(create)
+    with pytest.raises(sqlalchemy.exc.ProgrammingError) as second, engine.begin() as connection:
+        connection.execute(create)
+    assert _lost_table_race(second.value)
+    with pytest.raises(sqlalchemy.exc.ProgrammingError) as other, engine.begin() as connection:
+        connection.execute(sqlalchemy.text("SELECT * FROM no_such_table"))
+    assert not _lost_table_race(other.value)
+    engine.dispose()
