@@ -182,8 +182,8 @@ def measure_costs(
         return runner.logits(one.expand(1, tokens, -1))[0].argmax(-1)
 
     def draft_head(head: DraftHead) -> torch.Tensor:
-        logits = head(one)[0, -1]  # [V]
-        return torch.softmax(logits.float() / 1.5, dim=-1)[logits.argmax()]
+        _, scores, place = head.top(one)  # as a draft token chooses, then reads its confidence
+        return torch.softmax(scores.float() / 1.5, dim=-1)[place]
 
     def attention(i: int, weights=None) -> torch.Tensor:
         runner.cache.write_at(span_positions, kv_length + 1)  # the probe before may have moved them

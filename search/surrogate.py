@@ -20,6 +20,7 @@ from selfspec.drafting import SOURCE_CONTEXT, SOURCE_LAYER, SOURCE_PLAIN, LayerD
 from selfspec.fused import engine_adapter
 from selfspec.ngram import NgramIndex
 from selfspec.runner import Plan, Runner
+from selfspec.sampling import greedy_index
 from selfspec.schedule import Schedule
 
 from .costs import Costs
@@ -134,12 +135,14 @@ def score(
     for text in texts:
         h = text.draft_states(start, exit_layer, drafter.plan)
         drafter.begin(text.prompt)  # the draft head also scores the prompt's tokens
-        logits = drafter.head(h)[0].float()  # [N, V]
+        scores, ids = drafter.head.scores(h)  # [1, N, S]: the tokens the draft head scores, as decoding reads them
+        scores = scores[0].float()
         if schedule.confidence > 0:
-            confidence, tokens = torch.softmax(logits / drafter.temperatures[exit_layer], dim=-1).max(-1)
+            confidence, places = torch.softmax(scores / drafter.temperatures[exit_layer], dim=-1).max(-1)
         else:  # no floor: a round never looks at its confidence, so the softmax over the vocabulary is skipped
-            tokens = logits.argmax(-1)
-            confidence = torch.ones(len(tokens))
+            places = greedy_index(scores)
+            confidence = torch.ones(len(places))
+        tokens = places if ids is None else ids[places]
         out.append(Scored((tokens == text.targets).tolist(), confidence.tolist()))
     return out
 

@@ -149,9 +149,10 @@ class LayerDrafter:
         effective_depth = exit_layer - skipped_sublayers / 2
         return 1.0 + self.schedule.anneal * (1.0 - effective_depth / self.num_layers)
 
-    def _confidence(self, logits: torch.Tensor, exit_layer: int, choice: int) -> float:
-        """The drafted token's probability under the exit's annealed softmax (logits: [V])."""
-        return float(torch.softmax(logits.float() / self.temperatures[exit_layer], dim=-1)[choice])
+    def _confidence(self, scores: torch.Tensor, exit_layer: int, place: int) -> float:
+        """The drafted token's probability under the exit's annealed softmax; scores [S] hold it at `place` (tokens
+        the head does not score would add nothing to the softmax: their logits are -inf)."""
+        return float(torch.softmax(scores.float() / self.temperatures[exit_layer], dim=-1)[place])
 
     def draft(self, pending: int, position: int, room: int, sampler: Sampler, eos: set[int]) -> Draft:
         width = min(self.width.current, room)
@@ -197,14 +198,14 @@ class LayerDrafter:
                 depth_states[boundary] = h
             if boundary not in self.exits:
                 continue
-            logits = self.head(h)[0, -1]  # [V]
             if sampler.do_sample:
-                q = sampler.probs(logits[None])[0]
-                choice = int(sampler.sample(q[None])[0])
+                scores = self.head(h)[0, -1]  # [V]
+                q = sampler.probs(scores[None])[0]
+                choice = place = int(sampler.sample(q[None])[0])
             else:
-                q, choice = None, int(logits.argmax())
+                q, (choice, scores, place) = None, self.head.top(h)  # scores [S]: the tokens the head scores
             floor = self.schedule.confidence
-            confident = floor <= 0 or self._confidence(logits, boundary, choice) >= floor  # no floor, no softmax
+            confident = floor <= 0 or self._confidence(scores, boundary, place) >= floor  # no floor, no softmax
             if confident or boundary == self.exits[-1]:
                 depth = min(boundary, self.exact_depth)
                 return choice, confident, q, depth_states, depth

@@ -6,7 +6,7 @@ checks proposal i, and a row past the last proposal (when there is one) gives a 
 
 import torch
 
-from .sampling import Sampler
+from .sampling import Sampler, greedy_index
 
 
 def accept_greedy(proposals: list[int], target_logits: torch.Tensor) -> tuple[int, int | None]:
@@ -15,7 +15,7 @@ def accept_greedy(proposals: list[int], target_logits: torch.Tensor) -> tuple[in
     target_logits: [k, V] with k = len(proposals) or len(proposals) + 1.
     Returns (accepted count, next token or None when every proposal was kept and no row is left).
     """
-    targets = target_logits.argmax(dim=-1).tolist()
+    targets = greedy_index(target_logits).tolist()
     n = 0
     while n < len(proposals) and proposals[n] == targets[n]:
         n += 1

@@ -25,6 +25,10 @@ namespace {
 constexpr int64_t kRows = 16;   // output rows per block
 constexpr int64_t kGroup = 32;  // inputs per scale
 constexpr int64_t kChunk = 64;  // bytes per block and 8 inputs
+// How far ahead of the codes in use to ask for the next ones. A thread streams its blocks in order, so this runs
+// on into the next block; the hardware prefetcher alone left the product at ~20 GB/s where a plain read of
+// memory ran 30 (qwen2.5-coder-0.5b's layers, 2 threads: 11.2 ms without, 9.1 with, a Xeon with AVX-512).
+constexpr int64_t kPrefetchBytes = 2048;
 
 struct RoundedRow {
   std::vector<int8_t> codes;  // [K]
@@ -52,6 +56,12 @@ RoundedRow round_row(const T* x, int64_t k) {
   return row;
 }
 
+// A group's codes are 4 cache lines; ask for those kPrefetchBytes on (a prefetch past the end never faults).
+inline void prefetch_group(const uint8_t* codes) {
+  for (int64_t line = 0; line < 4; ++line)
+    _mm_prefetch(reinterpret_cast<const char*>(codes + line * kChunk + kPrefetchBytes), _MM_HINT_T0);
+}
+
 // One block's 16 outputs for one rounded input row. w: the block's [K / 8, 64] bytes; sm: its [K / 32, 2, 16] scales.
 void block_product(const uint8_t* w, const uint16_t* sm, const RoundedRow& x, int64_t groups, float* out) {
   const int32_t* words = reinterpret_cast<const int32_t*>(x.codes.data());  // 4 activation codes a word
@@ -59,6 +69,7 @@ void block_product(const uint8_t* w, const uint16_t* sm, const RoundedRow& x, in
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   __m512 total = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
+    prefetch_group(w + g * 4 * kChunk);
     __m512i dot = _mm512_setzero_si512();
     for (int64_t c = 0; c < 4; ++c) {
       const __m512i v = _mm512_loadu_si512(w + (g * 4 + c) * kChunk);
@@ -78,6 +89,7 @@ void block_product(const uint8_t* w, const uint16_t* sm, const RoundedRow& x, in
   for (int64_t half = 0; half < 2; ++half) {  // rows 0-7 are a chunk's first 32 bytes, rows 8-15 its last 32
     __m256 total = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
+      if (half == 0) prefetch_group(w + g * 4 * kChunk);
       __m256i dot = _mm256_setzero_si256();
       for (int64_t c = 0; c < 4; ++c) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (g * 4 + c) * kChunk + 32 * half));
