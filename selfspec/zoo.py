@@ -375,9 +375,13 @@ def _convert(entry: ZooEntry, gguf: Path, out: Path) -> None:
     back_tok = AutoTokenizer.from_pretrained(out)
     with torch.no_grad():
         got = back(probe).logits
-    same_ids = back_tok(probe_text, return_tensors="pt").input_ids.equal(probe)
-    if not same_ids or not torch.allclose(want, got, rtol=1e-4, atol=1e-4):
-        raise SelfspecError(f"{entry.name}: converted model does not reproduce the GGUF model")
+    if not back_tok(probe_text, return_tensors="pt").input_ids.equal(probe):
+        raise SelfspecError(f"{entry.name}: the converted tokenizer does not reproduce the GGUF's token ids")
+    if not torch.allclose(want, got, rtol=1e-4, atol=1e-4):
+        gap = (want - got).abs().max().item()
+        raise SelfspecError(
+            f"{entry.name}: the converted model's logits differ from the GGUF model's by up to {gap:.3g}"
+        )
 
 
 def _install(new: Path, dest: Path) -> None:

@@ -11,9 +11,10 @@ from test_sampling import SAMPLES, TEMPERATURE, TOP_K, exact_pair_distribution, 
 
 import selfspec
 from selfspec import Schedule, ScheduleError, UnsupportedModelError
-from selfspec.draft_head import subset_rows
+from selfspec.draft_head import DraftHead, subset_rows
 from selfspec.fused import engine_adapter
 from selfspec.lowbit import GROUP_SIZE, KERNELS, _build, cache_path, draft_weights, quantize
+from selfspec.sampling import greedy_index
 
 EVERY = tuple(range(30))
 
@@ -107,6 +108,29 @@ def test_a_damaged_cache_file_is_made_again(smollm2_fp32, tmp_path, monkeypatch)
 def test_subset_head_rows_take_the_frequent_tokens_then_the_lowest_ids():
     rows = subset_rows((900, 5, 900, 10_000_000), 6, 1000)
     assert rows.tolist() == [0, 1, 2, 3, 5, 900]
+
+
+@pytest.mark.parametrize("precision, vocab", [("exact", 0), ("int4", 0), ("exact", 2048), ("int4", 1024)])
+def test_a_draft_token_chosen_over_the_scored_tokens_is_the_full_rows_argmax(smollm2_fp32, precision, vocab):
+    model, tok = smollm2_fp32
+    adapter = engine_adapter(model)
+    tokens = (4000, 17) if vocab else ()
+    head = DraftHead(adapter, Schedule(head_precision=precision, head_vocab=vocab, head_tokens=tokens))
+    head.begin(tok("Name the sea creatures: axolotl, narwhal").input_ids)  # rare tokens outside the subset
+    h = torch.randn(1, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        logits = head(h)[0, -1]  # [V]: -inf outside what the head scores
+        choice, scores, place = head.top(h)
+    assert choice == int(logits.argmax()) and scores[place] == logits[choice]
+    annealed = torch.softmax(logits / 1.7, dim=-1)[choice]
+    assert torch.allclose(torch.softmax(scores / 1.7, dim=-1)[place], annealed, rtol=1e-5)
+    assert len(scores) == (vocab + len(head.extra_rows) if vocab else model.config.vocab_size)
+
+
+def test_greedy_choice_takes_the_first_of_tied_scores_as_argmax_does():
+    scores = torch.randint(-5, 5, (4, 151_936), generator=torch.Generator().manual_seed(0)).bfloat16()
+    scores[:, [70_000, 7, 151_000]] = 9.0  # three ties at every row's maximum
+    assert greedy_index(scores).tolist() == scores.argmax(-1).tolist() == [7] * 4
 
 
 def test_low_bit_drafts_read_a_fraction_of_the_bytes(smollm2_bf16):
