@@ -9,13 +9,14 @@ and how much of it the model keeps is known exactly; the replay runs the engine'
 """
 
 import math
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 
 import torch
 from selfspec.evals.floor import draft_weight_bytes
 from transformers import PreTrainedModel
 
 from selfspec.cache import PositionedCache
+from selfspec.draft_head import DraftHead
 from selfspec.drafting import SOURCE_CONTEXT, SOURCE_LAYER, SOURCE_PLAIN, LayerDrafter, SourceChooser, Width
 from selfspec.fused import engine_adapter
 from selfspec.ngram import NgramIndex
@@ -24,7 +25,7 @@ from selfspec.sampling import greedy_index
 from selfspec.schedule import Schedule
 
 from .costs import Costs
-from .teacher import Continuation
+from .teacher import Continuation, held_out_rankings
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Text:
     states: list[torch.Tensor]  # L + 1 of [1, T, D]: states[l] enters layer l
     targets: torch.Tensor  # [N] the full model's greedy token after each position
     runner: Runner  # over a cache holding the full model's K/V for positions [0, T) at every layer
+    head_ranking: tuple[int, ...] = ()  # the most frequent tokens of other calibration texts (`held_out_rankings`)
 
     @property
     def prompt(self) -> list[int]:
@@ -114,6 +116,8 @@ def prepare(model: PreTrainedModel, continuations: list[Continuation]) -> list[T
         positions = torch.arange(c.prompt_length - 1, c.tokens.numel() - 1)
         targets = adapter.logits(states[-1][:, positions])[0].argmax(-1)
         texts.append(Text(c.tokens, positions, states, targets, runner))
+    for text, ranking in zip(texts, held_out_rankings(continuations)):
+        text.head_ranking = ranking
     return texts
 
 
@@ -131,11 +135,13 @@ def score(
     drafter = drafter or drafter_for(model, schedule)
     exit_layer = drafter.exits[-1]
     start = drafter.exact_depth
+    heads: dict[tuple[int, ...], DraftHead] = {}
     out = []
     for text in texts:
         h = text.draft_states(start, exit_layer, drafter.plan)
-        drafter.begin(text.prompt)  # the draft head also scores the prompt's tokens
-        scores, ids = drafter.head.scores(h)  # [1, N, S]: the tokens the draft head scores, as decoding reads them
+        head = _held_out_head(drafter, schedule, text, heads)
+        head.begin(text.prompt)  # the draft head also scores the prompt's tokens
+        scores, ids = head.scores(h)  # [1, N, S]: the tokens the draft head scores, as decoding reads them
         scores = scores[0].float()
         if schedule.confidence > 0:
             confidence, places = torch.softmax(scores / drafter.temperatures[exit_layer], dim=-1).max(-1)
@@ -145,6 +151,17 @@ def score(
         tokens = places if ids is None else ids[places]
         out.append(Scored((tokens == text.targets).tolist(), confidence.tolist()))
     return out
+
+
+def _held_out_head(drafter: LayerDrafter, schedule: Schedule, text: Text, heads: dict) -> DraftHead:
+    """The head `text` is scored with: the drafter's, or where it ranks frequent tokens, the same head over tokens
+    ranked the same way on other texts (else it would know this text's every token in advance)."""
+    if not schedule.head_tokens:
+        return drafter.head
+    ranking = text.head_ranking[: len(schedule.head_tokens)]
+    if ranking not in heads:
+        heads[ranking] = DraftHead(drafter.runner.adapter, replace(schedule, head_tokens=ranking))
+    return heads[ranking]
 
 
 def simulate(

@@ -44,3 +44,13 @@ def frequent_tokens(continuations: list[Continuation], count: int = 512) -> tupl
     """The tokens the model itself wrote most often, most frequent first (ties: lower id first)."""
     counts = Counter(t for c in continuations for t in c.tokens[c.prompt_length :].tolist())
     return tuple(sorted(counts, key=lambda t: (-counts[t], t))[:count])
+
+
+def held_out_rankings(continuations: list[Continuation], count: int = 512) -> list[tuple[int, ...]]:
+    """Per continuation, `frequent_tokens` of the other half of them: a cheap head ranked on the very text it is
+    scored on never misses a token there (every token of the text is "frequent"), which is not how decoding
+    meets new text. Two halves, not one text left out each: each ranking is another head to pack."""
+    half = (len(continuations) + 1) // 2
+    first, second = continuations[:half], continuations[half:]
+    rankings = frequent_tokens(second, count), frequent_tokens(first, count)
+    return [rankings[0] if i < half else rankings[1] for i in range(len(continuations))]

@@ -31,6 +31,9 @@ from .paths import cache_root
 SCHEMES = ("int8", "int4")
 GROUP_SIZE = 32
 TIMED_PASSES = 5
+# Packed draft heads kept, by row set: decoding reuses one; tune scores each candidate with two, ranked on either
+# half of its texts (`search.teacher.held_out_rankings`), and tries many sizes.
+HEAD_ROW_SETS = 2
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,7 @@ class DraftWeights:
     head_kernel: str
     kernels: dict[str, str]  # "layers" / "head" -> what ran, with each candidate's measured pass time
     # packing a head for its kernel takes longer than a decode step (~0.4 s on qwen2.5-coder-0.5b), so it is done
-    # for the row set last used, not at every generate; only the packed kernel is kept, not the dequantised copy a
+    # for the row sets last used, not at every generate; only the packed kernel is kept, not the dequantised copy a
     # LowbitLinear makes for wide inputs (hundreds of MB in float32), which goes with its draft head
     head_runs: dict[tuple, tuple[QuantizedMatrix, Callable]] = field(default_factory=dict, repr=False)
 
@@ -224,7 +227,8 @@ class DraftWeights:
         """The LM head's low-bit matrix, or only its `rows`, run by the kernel chosen for the full head."""
         key = (None if rows is None else tuple(rows.tolist()), dtype, device)
         if key not in self.head_runs:
-            self.head_runs.clear()  # one head at a time: tune tries many row sets, decoding reuses one
+            while len(self.head_runs) >= HEAD_ROW_SETS:  # the oldest first (dicts keep their order)
+                del self.head_runs[next(iter(self.head_runs))]
             matrix = self.head if rows is None else self.head.rows(rows.cpu())
             self.head_runs[key] = matrix, KERNELS[self.scheme][self.head_kernel](matrix, dtype, device)
         matrix, run = self.head_runs[key]

@@ -17,12 +17,13 @@ from selfspec.search.command import calibrate_command, tune_command
 from selfspec.search.costs import Costs, measure_costs
 from selfspec.search.prompts import BUILTIN, read_prompts, split
 from selfspec.search.surrogate import drafter_for, early_texts, leviathan_bound, predict, prepare, score, simulate
-from selfspec.search.teacher import encode_prompt, greedy_continuations
+from selfspec.search.teacher import Continuation, encode_prompt, frequent_tokens, greedy_continuations
 from selfspec.search.tune import TuneConfig, completed, open_study, tune
 from test_architectures import tiny
 
 import selfspec
 from selfspec import SelfspecError
+from selfspec.draft_head import subset_rows
 
 # short replies keep the calibration and timed runs small
 SHORT = [BUILTIN[5], BUILTIN[1], BUILTIN[14]]
@@ -67,6 +68,23 @@ def calibrated(smollm2_fp32):
     model, tokenizer = smollm2_fp32
     continuations = greedy_continuations(model, tokenizer, [p.text for p in SHORT[:2]], 16)
     return prepare(model, continuations), measure_costs(model, kv_length=64, max_tokens=5, repeats=3)
+
+
+def test_a_cheap_head_is_scored_over_tokens_ranked_on_the_other_texts(smollm2_fp32, calibrated):
+    model, _ = smollm2_fp32
+    texts, _ = calibrated
+    continuations = [Continuation(t.tokens, int(t.positions[0]) + 1) for t in texts]
+    assert [t.head_ranking for t in texts] == [frequent_tokens(continuations[1:]), frequent_tokens(continuations[:1])]
+    vocab = 64  # every token of both continuations fits: ranked in-sample, this head would miss none of them
+    schedule = selfspec.Schedule(head_vocab=vocab, head_tokens=frequent_tokens(continuations)[:vocab], max_draft=2)
+    missed = 0
+    for text, scored in zip(texts, score(model, texts, schedule)):
+        head_rows = set(subset_rows(text.head_ranking[:vocab], vocab, model.config.vocab_size).tolist())
+        for target, agree in zip(text.targets.tolist(), scored.agree):
+            if target not in head_rows | set(text.prompt):
+                missed += 1
+                assert not agree  # a token its head does not score is never drafted
+    assert missed > 0
 
 
 def test_full_depth_draft_agrees_everywhere(smollm2_fp32, calibrated):
