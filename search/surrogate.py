@@ -159,6 +159,8 @@ def _held_out_head(drafter: LayerDrafter, schedule: Schedule, text: Text, heads:
     if not schedule.head_tokens:
         return drafter.head
     ranking = text.head_ranking[: len(schedule.head_tokens)]
+    if ranking == drafter.schedule.head_tokens:
+        return drafter.head
     if ranking not in heads:
         heads[ranking] = DraftHead(drafter.runner.adapter, replace(schedule, head_tokens=ranking))
     return heads[ranking]
@@ -253,7 +255,8 @@ def predict(
         return Prediction(0.0, 0.0, 1.0, 1.0, 1.0, texts=len(texts))
     drafter, draft_step, exact_depth = None, 0.0, 0
     if schedule.max_draft > 0:
-        drafter = drafter_for(model, schedule)
+        # its head ranked as the first texts are scored (`_held_out_head`): a head is dear to build
+        drafter = drafter_for(model, replace(schedule, head_tokens=texts[0].head_ranking[: len(schedule.head_tokens)]))
         draft_step = costs.draft_step(drafter.exits[-1], schedule)
         exact_depth = drafter.exact_depth
 
