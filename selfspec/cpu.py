@@ -49,4 +49,7 @@ def kernel_setting() -> str:
     """The CPU flags and the kernels torch takes on them (ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA can lower
     both, which is how a machine with AVX-512 runs the code paths of one without)."""
     packed = "on" if packed_bf16() else "off"
-    return f"{cpu_flags()}; torch kernels {torch.backends.cpu.get_cpu_capability()}, packed bf16 {packed}"
+    # a cap that leaves bf16 on still changes oneDNN's kernels (AMX off: wide products cost up to 2x more here)
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    capped = f", oneDNN ISA up to {cap}" if cap else ""
+    return f"{cpu_flags()}; torch kernels {torch.backends.cpu.get_cpu_capability()}, packed bf16 {packed}{capped}"

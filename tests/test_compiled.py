@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 
 import selfspec
 from selfspec import compiled
+from selfspec.cpu import kernel_setting
 from selfspec.errors import GenerationInputError
 from selfspec.fused import FUSED_FAMILIES, engine_adapter
 
@@ -108,6 +109,17 @@ def test_auto_measures_a_draft_plan_once_and_drafts_through_it(tmp_path, monkeyp
         assert record["eager_ms"] > 0 and record["compiled_ms"] > 0
         assert record["compiled_wins"] == (record["compiled_ms"] < record["eager_ms"])
     assert fast.last_stats.layer_draft_steps > 0
+
+
+def test_a_capped_onednn_isa_keeps_its_own_timings(monkeypatch):
+    # with AMX capped off, bf16 stays packed but oneDNN runs other kernels: a timing of one is not the other's
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    adapter = engine_adapter(tiny("llama"))
+    uncapped = compiled.record_path(adapter)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert "oneDNN ISA up to AVX512_CORE_BF16" in kernel_setting()
+    assert compiled.record_path(adapter) != uncapped
 
 
 def test_eager_never_compiles_and_a_bad_setting_is_one_clear_error(monkeypatch):
