@@ -43,7 +43,7 @@ class Text:
     states: list[torch.Tensor]  # L + 1 of [1, T, D]: states[l] enters layer l
     targets: torch.Tensor  # [N] the full model's greedy token after each position
     runner: Runner  # over a cache holding the full model's K/V for positions [0, T) at every layer
-    head_ranking: tuple[int, ...] = ()  # the most frequent tokens of other calibration texts (`held_out_rankings`)
+    head_ranking: tuple[int, ...]  # the most frequent tokens of other calibration texts (`held_out_rankings`)
 
     @property
     def prompt(self) -> list[int]:
@@ -107,7 +107,7 @@ class Replay:
 def prepare(model: PreTrainedModel, continuations: list[Continuation]) -> list[Text]:
     adapter = engine_adapter(model)
     texts = []
-    for c in continuations:
+    for c, ranking in zip(continuations, held_out_rankings(continuations)):
         runner = Runner(adapter, PositionedCache(adapter.num_layers, c.tokens.numel()))
         states = [runner.embed(c.tokens.tolist())]
         span = runner.span(states[0], 0)
@@ -115,9 +115,7 @@ def prepare(model: PreTrainedModel, continuations: list[Continuation]) -> list[T
             states.append(runner.layers(states[-1], span, layer, layer + 1))
         positions = torch.arange(c.prompt_length - 1, c.tokens.numel() - 1)
         targets = adapter.logits(states[-1][:, positions])[0].argmax(-1)
-        texts.append(Text(c.tokens, positions, states, targets, runner))
-    for text, ranking in zip(texts, held_out_rankings(continuations)):
-        text.head_ranking = ranking
+        texts.append(Text(c.tokens, positions, states, targets, runner, ranking))
     return texts
 
 

@@ -52,5 +52,4 @@ def held_out_rankings(continuations: list[Continuation], count: int = 512) -> li
     meets new text. Two halves, not one text left out each: each ranking is another head to pack."""
     half = (len(continuations) + 1) // 2
     first, second = continuations[:half], continuations[half:]
-    rankings = frequent_tokens(second, count), frequent_tokens(first, count)
-    return [rankings[0] if i < half else rankings[1] for i in range(len(continuations))]
+    return [frequent_tokens(second, count)] * half + [frequent_tokens(first, count)] * len(second)
