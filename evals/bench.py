@@ -247,6 +247,8 @@ def bench_command(
     print_draft(draft, gamma, plain_loop, console)
     if isinstance(engine_adapter(lm), FusedAdapter):
         console.print(step_line(engine_adapter(lm)), soft_wrap=True)
+        if engine_adapter(lm).few_rows_line:
+            console.print(engine_adapter(lm).few_rows_line, soft_wrap=True)
     if schedule is not None:
         print_kernels(lm, schedule, console)
     console.print(f"cpu: {kernel_setting()}; {torch.get_num_threads()} threads, {dtype}")
@@ -265,7 +267,7 @@ def bench_command(
     if out_path is not None:
         figures = {
             "model": model, "dtype": dtype, "threads": torch.get_num_threads(), "cpu_flags": cpu_flags(), "kernels": kernel_setting(),
-            "prompts": len(runs), "layer_draft": draft,
+            "few_row_kernel": getattr(engine_adapter(lm), "few_rows_line", ""), "prompts": len(runs), "layer_draft": draft,
             "max_new_tokens": max_new_tokens, "read_bandwidth_gbs": bandwidth / 1e9, "floor_ms_per_token": floor_ms,
             "methods": [{**asdict(r), "ms_per_token": r.ms_per_token, "tokens_per_second": r.tokens_per_second}
                         for r in rows],

@@ -3,7 +3,7 @@
 Eager decoding pays a dispatch per op (norms, rotary, attention, cache writes, residual adds) and at batch 1 on a
 small model that overhead rivals streaming the weights; compiled, the elementwise work fuses into a few loops.
 The matrix products stay the fused forward's own kernels (oneDNN's packed bf16 where the CPU has it), called by
-handle through one custom op, so the graph holds no weights: inductor's on-disk caches (kept under the selfspec
+handle through one custom op, or our few-row kernel's op on its matrix's number; so the graph holds no weights: inductor's on-disk caches (kept under the selfspec
 cache) then serve a second process, which pays a few seconds of tracing instead of the compile.
 
 The step is capture-ready: the position is a tensor, the cache write happens inside the graph at that position,
@@ -272,7 +272,8 @@ def record_path(adapter: FusedAdapter, what: str = "passes") -> Path:
     """Where the measurements of `what` for this model, dtype, CPU, kernels, thread count and torch version are
     kept."""
     dtype = str(adapter.lm_head.weight.dtype).removeprefix("torch.")
-    machine = f"{kernel_setting()}|{torch.__version__}|{torch.get_num_threads()} threads"
+    # the passes our few-row kernel serves are other graphs (`FusedAdapter.few_rows`, timed in each process)
+    machine = f"{kernel_setting()}|{torch.__version__}|{torch.get_num_threads()} threads|{adapter.few_rows} few rows"
     key = hashlib.sha256(machine.encode()).hexdigest()[:12]
     name = f"{adapter.fingerprint}-{dtype}-{key}-{what}-v{RECORD_VERSION}.json"
     return cache_root() / "steps" / name

@@ -2,8 +2,9 @@
 
 Each layer's q/k/v projections become one matrix and gate/up another, so a layer runs 4 matrix products
 instead of 7; where the CPU has bfloat16 instructions the matrices are also re-laid out once for oneDNN's
-packed kernels, which at batch 1 stream the weights faster than `F.linear` (`selfspec bench` shows the plain
-loop on each forward next to `model.generate`). The model's parameters
+packed kernels, which at batch 1 stream the weights faster than `F.linear`, and where it measured faster still,
+for our few-row kernel (`bf16_gemv`) too (`selfspec bench` shows the plain loop on each forward next to
+`model.generate`). The model's parameters
 are never touched: stacked and re-laid-out matrices are copies (a lone matrix such as `o_proj`, where not
 re-laid out, is read in place), built once per model, dtype and device (so weights changed in place after that
 are not all seen: wrap the model again, or use `backend="reference"`).
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from . import bf16_gemv
 from .adapter import Adapter, adapter_for
 from .cpu import packed_bf16
 from .errors import GenerationInputError, UnsupportedModelError
@@ -36,30 +38,48 @@ _built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class FusedLinear:
-    """Several linear layers that read the same input, as one matrix product over their stacked weights."""
+    """Several linear layers that read the same input, as one matrix product over their stacked weights.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int]):
+    few_rows > 0 also lays the matrix out for our few-row bf16 kernel (`bf16_gemv`) where it can run, which then
+    takes inputs of up to `few_rows` rows; the adapter lowers that to what it measured faster (`use_few_rows`)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int], few_rows: int = 0):
         self.bias = bias
         self.sizes = sizes
+        self.in_features = weight.shape[1]
         self.packed = _packs(weight)
+        self.gemv = bf16_gemv.Gemv(weight, bias) if few_rows and self.packed and bf16_gemv.available() else None
+        self.few_rows = few_rows if self.gemv else 0
         # oneDNN's packed layout is opaque; the plain copy is dropped once packed
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
         self.handle = kernel_handle(self)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= self.few_rows * x.shape[-1]:
+            return self.gemv(x)  # one op on a handle: a compiled graph calls it itself
         if torch.compiler.is_compiling():
             return registered_linear(x, self.handle, sum(self.sizes))
+        return self.wide(x)
+
+    def wide(self, x: torch.Tensor) -> torch.Tensor:
+        """The product by oneDNN's packed kernel, or `F.linear` (float32, or no packed kernels here)."""
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def use_few_rows(self, rows: int) -> None:
+        """Run inputs of up to `rows` rows by the few-row kernel (0: never, and its copy of the weights goes)."""
+        self.few_rows = rows if self.gemv else 0
+        if not self.few_rows:
+            self.gemv = None
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self(x).split(self.sizes, dim=-1)
 
     @classmethod
-    def stacking(cls, layers: list[nn.Linear]) -> "FusedLinear":
+    def stacking(cls, layers: list[nn.Linear], few_rows: int = 0) -> "FusedLinear":
         weight, bias = stacked(layers)
-        return cls(weight, bias, [layer.out_features for layer in layers])
+        return cls(weight, bias, [layer.out_features for layer in layers], few_rows)
 
 
 def stacked(layers: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -136,8 +156,8 @@ class FusedLayer:
     head_dim: int
 
     @classmethod
-    def of(cls, layer: nn.Module) -> "FusedLayer":
-        linears = {name: FusedLinear.stacking(group) for name, group in layer_linears(layer).items()}
+    def of(cls, layer: nn.Module, few_rows: int = 0) -> "FusedLayer":
+        linears = {name: FusedLinear.stacking(group, few_rows) for name, group in layer_linears(layer).items()}
         attn = layer.self_attn
         return cls(layer.input_layernorm, layer.post_attention_layernorm, **linears,
                    scaling=attn.scaling, head_dim=attn.head_dim)  # fmt: skip
@@ -153,9 +173,27 @@ class FusedAdapter(Adapter):
         super().__post_init__(model)
         self.fingerprint = model_fingerprint(model)  # names the derived weights and timings kept on disk
         self.attn_implementation = "sdpa"
-        self.fused = [FusedLayer.of(layer) for layer in self.layers]
-        self.head = FusedLinear.stacking([self.lm_head])
+        few_rows = bf16_gemv.TIMED_ROWS[-1]  # until timed below
+        self.fused = [FusedLayer.of(layer, few_rows) for layer in self.layers]
+        self.head = FusedLinear.stacking([self.lm_head], few_rows)
+        self.few_rows_line = self._choose_few_rows()
         self.derived: dict = {}  # low-bit draft weights built for this adapter, by scheme (`selfspec.lowbit`)
+
+    def _choose_few_rows(self) -> str:
+        """Time our few-row kernel against oneDNN's over every matrix, keep it where it won, and say so."""
+        linears = [getattr(layer, name) for layer in self.fused for name in MATRICES] + [self.head]
+        self.few_rows = 0
+        if not any(linear.gemv for linear in linears):
+            return ""
+        products = [(linear.gemv, linear.wide, linear.in_features) for linear in linears]
+        rows, times = bf16_gemv.rows_it_wins(products)
+        self.few_rows = rows
+        for linear in linears:
+            linear.use_few_rows(rows)
+        timed = "; ".join(f"{m} row{'s' * (m > 1)} {ours * 1e3:.1f} ms against {theirs * 1e3:.1f}"
+                          for m, (ours, theirs) in times.items())  # fmt: skip
+        chosen = f"up to {rows} row{'s' * (rows > 1)}" if rows else "never"
+        return f"bf16 few-row kernel: {chosen} (every matrix, ours against oneDNN's: {timed})"
 
     def attention(self, i: int, h: torch.Tensor, rope, mask, cache, weights: FusedLayer | None = None) -> torch.Tensor:
         layer = weights or self.fused[i]

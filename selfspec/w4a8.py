@@ -2,23 +2,16 @@
 integer dot products (`csrc/w4a8.cpp`). torch's int4 kernel converts every code to a float before it
 multiplies, which on a two-core CPU costs more than streaming the bytes; integer dot products keep up with them.
 
-The C++ is compiled for this CPU (-march=native) on first use and kept under the selfspec cache, keyed by the
-source, the CPU's flags and torch's version, so another machine or torch never loads a build it cannot run.
-Like every low-bit kernel it is only one candidate: `lowbit.fastest_kernel` times it against the others here.
+Built for this CPU on first use (`selfspec.native`).
 """
 
 import functools
-import hashlib
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .cpu import cpu_flags
-from .paths import cache_root
-from .zoo import first_line
+from .native import built
 
-SOURCE = Path(__file__).parent / "csrc" / "w4a8.cpp"
 BLOCK_ROWS = 16  # output rows per block of the packed layout: one per 32-bit lane of a 512-bit register
 
 
@@ -31,25 +24,10 @@ def load_library() -> None:
 
 @functools.cache
 def _built() -> str:
-    """Build (once per source, CPU and torch; once a process) and load the kernel: '' or what went wrong."""
-    from torch.utils import cpp_extension  # imports setuptools: only when the kernel is wanted
-
-    key = hashlib.sha256(f"{SOURCE.read_text()}|{cpu_flags()}|{torch.__version__}".encode()).hexdigest()[:12]
-    build = cache_root() / "kernels" / f"w4a8-{key}"
-    try:
-        build.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(
-            f"selfspec_w4a8_{key}",
-            [str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build),
-            is_python_module=False,
-        )
-    except (OSError, RuntimeError) as error:  # no compiler or ninja here: the other kernels still run
-        return first_line(error)
-    torch.library.register_fake("selfspec_w4a8::linear", _output_shape)
-    return ""
+    failure = built("w4a8")
+    if not failure:
+        torch.library.register_fake("selfspec_w4a8::linear", _output_shape)
+    return failure
 
 
 def _output_shape(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, out_features: int) -> torch.Tensor:

@@ -1,0 +1,75 @@
+"""The exact bfloat16 product for a few input rows, our own (`csrc/bf16_gemv.cpp`): AVX-512 bf16 dot products over
+weights in 2 MB pages, which at one row stream the weights faster than oneDNN's packed kernels (those win from a
+few rows on, on AMX most of all). It is a copy of the weights in its own layout, made only where the CPU has the
+instructions, and kept only for the row counts where `rows_it_wins` measured it faster on this machine.
+
+Built for this CPU on first use (`selfspec.native`). The products are the same sums in another order, rounded
+once to bfloat16: float32 models never take this path.
+"""
+
+import functools
+import time
+import weakref
+from collections.abc import Callable
+
+import torch
+
+from .cpu import cpu_flags
+from .native import built
+
+TIMED_ROWS = (1, 2, 4)  # a decode step, the narrowest verify passes; wider ones are AMX's or oneDNN's
+TIMED_PASSES = 5
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel runs here: the CPU has AVX-512 bf16 and the kernel built."""
+    if "avx512_bf16" not in cpu_flags().split() or built("bf16_gemv"):
+        return False
+    torch.library.register_fake("selfspec_bf16::gemv", _output_shape)
+    return True
+
+
+def _output_shape(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)  # what a compiled graph traces the kernel as
+
+
+class Gemv:
+    """One [N, K] bfloat16 matrix (and bias) in the kernel's layout: x [..., K] -> [..., N]. A compiled graph calls
+    the op by the matrix's handle, so it holds no weights."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.handle = torch.ops.selfspec_bf16.register_matrix(weight.detach(), bias)
+        self.out_features = weight.shape[0]
+        release = weakref.finalize(self, torch.ops.selfspec_bf16.release_matrix, self.handle)
+        release.atexit = False  # the process's memory goes with it
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.selfspec_bf16.gemv(x, self.handle, self.out_features)
+
+
+def rows_it_wins(products: list[tuple[Callable, Callable, int]]) -> tuple[int, dict[int, tuple[float, float]]]:
+    """Up to how many input rows the kernel beats the other one over `products` (ours, theirs, K), each pass over
+    all of them in a row as a decode step streams them; and per row count (ours, theirs) seconds, best of a few."""
+    times = {}
+    for rows in TIMED_ROWS:
+        inputs = {k: torch.randn(1, rows, k, dtype=torch.bfloat16) for _, _, k in products}
+        ours = _pass_seconds([(run, inputs[k]) for run, _, k in products])
+        theirs = _pass_seconds([(run, inputs[k]) for _, run, k in products])
+        times[rows] = ours, theirs
+    wins = 0
+    for rows in TIMED_ROWS:
+        if times[rows][0] >= times[rows][1]:
+            break
+        wins = rows
+    return wins, times
+
+
+def _pass_seconds(calls: list[tuple[Callable, torch.Tensor]]) -> float:
+    best = float("inf")
+    for _ in range(TIMED_PASSES + 1):
+        started = time.perf_counter()
+        for run, x in calls:
+            run(x)
+        best = min(best, time.perf_counter() - started)
+    return best

@@ -1,0 +1,93 @@
+"""Our few-row bfloat16 kernel: a float32 sum rounded once, at every row count and ragged shape; the fused forward
+runs it only up to the rows it measured faster, and a compiled graph calls it without a Python frame."""
+
+import gc
+
+import pytest
+import torch
+from test_architectures import tiny
+
+from selfspec import bf16_gemv
+from selfspec.cpu import packed_bf16
+from selfspec.fused import FusedLinear, engine_adapter
+
+pytestmark = pytest.mark.skipif(
+    not (bf16_gemv.available() and packed_bf16()), reason="needs AVX-512 bf16, oneDNN's bf16 kernels and a compiler"
+)
+
+ROWS, WIDTH = 37, 70  # rows not a multiple of the 16-row block, and an odd number of input pairs
+
+
+def ragged(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(ROWS, WIDTH, generator=generator).bfloat16(), torch.randn(ROWS, generator=generator).bfloat16()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_products_are_float32_sums_rounded_once(rows):
+    weight, bias = ragged(rows)
+    x = torch.randn(2, rows, WIDTH, generator=torch.Generator().manual_seed(7)).bfloat16()  # [2, rows, K]
+    for b in (None, bias):
+        out = bf16_gemv.Gemv(weight, b)(x)
+        exact = x.double() @ weight.double().T + (0 if b is None else b.double())
+        assert out.shape == (2, rows, ROWS) and out.dtype == torch.bfloat16
+        # half a bfloat16 step (2^-8 relative) from the exact sum, plus float32's own rounding of it
+        assert ((out.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-4).all()
+
+
+def test_a_released_matrix_is_gone():
+    weight, _ = ragged(0)
+    gemv = bf16_gemv.Gemv(weight, None)
+    handle = gemv.handle
+    del gemv
+    gc.collect()
+    with pytest.raises(RuntimeError, match=f"no matrix {handle}"):
+        torch.ops.selfspec_bf16.gemv(torch.zeros(1, WIDTH, dtype=torch.bfloat16), handle, ROWS)
+
+
+def test_the_fused_product_takes_it_up_to_its_rows_only():
+    weight, bias = ragged(1)
+    linear = FusedLinear(weight, bias, [ROWS], few_rows=2)
+    for rows in (1, 2, 3):
+        x = torch.randn(1, rows, WIDTH).bfloat16()
+        expected = linear.gemv(x) if rows <= 2 else linear.wide(x)
+        assert torch.equal(linear(x), expected), rows
+    linear.use_few_rows(0)
+    assert linear.gemv is None and linear(x[:, :1]).shape == (1, 1, ROWS)
+
+
+def test_a_compiled_graph_calls_the_kernel_itself():
+    weight, bias = ragged(2)
+    linear = FusedLinear(weight, bias, [ROWS], few_rows=1)
+    traced = []
+
+    def recording(graph, inputs):
+        traced.extend(node.target for node in graph.graph.nodes)
+        return graph.forward
+
+    x = torch.randn(1, 1, WIDTH).bfloat16()
+    torch.compile(lambda t: linear(t) * 2, backend=recording, fullgraph=True)(x)
+    assert torch.ops.selfspec_bf16.gemv in traced and torch.ops.selfspec.linear not in traced
+    compiled = torch.compile(lambda t: linear(t) * 2, fullgraph=True)
+    assert torch.equal(compiled(x), linear.gemv(x) * 2)
+
+
+def test_it_is_kept_only_for_the_rows_it_measured_faster():
+    weight, _ = ragged(3)
+    linear = FusedLinear(weight, None, [ROWS], few_rows=4)
+
+    def twice(x: torch.Tensor) -> torch.Tensor:
+        linear.wide(x)
+        return linear.wide(x)
+
+    assert bf16_gemv.rows_it_wins([(twice, linear.wide, WIDTH)])[0] == 0
+    rows, times = bf16_gemv.rows_it_wins([(linear.wide, twice, WIDTH)])
+    assert rows == bf16_gemv.TIMED_ROWS[-1] and all(ours < theirs for ours, theirs in times.values())
+
+
+def test_an_adapter_runs_every_matrix_by_the_rows_it_chose():
+    adapter = engine_adapter(tiny("qwen2").to(torch.bfloat16))
+    linears = [getattr(layer, name) for layer in adapter.fused for name in ("qkv", "o", "gate_up", "down")]
+    assert adapter.few_rows in (0, *bf16_gemv.TIMED_ROWS)
+    assert all(linear.few_rows == adapter.few_rows for linear in linears + [adapter.head])
+    assert adapter.few_rows_line.startswith("bf16 few-row kernel: ")
