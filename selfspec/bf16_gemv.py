@@ -1,7 +1,7 @@
-"""The exact bfloat16 product for a few input rows, our own (`csrc/bf16_gemv.cpp`): AVX-512 bf16 dot products over
-weights in 2 MB pages, which at one row stream the weights faster than oneDNN's packed kernels (those win from a
-few rows on, on AMX most of all). It is a copy of the weights in its own layout, made only where the CPU has the
-instructions, and kept only for the row counts where `rows_it_wins` measured it faster on this machine.
+"""The exact bfloat16 product for a few input rows, our own (`csrc/bf16_gemv.cpp`): AVX-512 bf16 dot products (or
+AVX2 FMAs on a CPU without them) over weights in 2 MB pages, which at one row stream the weights faster than
+oneDNN's packed kernels (those win from a few rows on, on AMX most of all) or `F.linear`. It is a copy of the
+weights in its own layout, kept only for the row counts where `rows_it_wins` measured it faster on this machine.
 
 Built for this CPU on first use (`selfspec.native`). The products are the same sums in another order, rounded
 once to bfloat16: float32 models never take this path.
@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 import torch
 
-from .cpu import cpu_flags
 from .native import built
 
 TIMED_ROWS = (1, 2, 4)  # a decode step, the narrowest verify passes; wider ones are AMX's or oneDNN's
@@ -23,11 +22,16 @@ TIMED_PASSES = 5
 
 @functools.cache
 def available() -> bool:
-    """Whether the kernel runs here: the CPU has AVX-512 bf16 and the kernel built."""
-    if "avx512_bf16" not in cpu_flags().split() or built("bf16_gemv"):
+    """Whether the kernel runs here: it built, with AVX-512 bf16 or AVX2 code (see `isa`)."""
+    if built("bf16_gemv") or not isa():
         return False
     torch.library.register_fake("selfspec_bf16::gemv", _output_shape)
     return True
+
+
+def isa() -> str:
+    """The instructions the build multiplies with: "avx512_bf16", "avx2", or "" (none)."""
+    return torch.ops.selfspec_bf16.isa()
 
 
 def _output_shape(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:

@@ -48,7 +48,8 @@ class FusedLinear:
         self.sizes = sizes
         self.in_features = weight.shape[1]
         self.packed = _packs(weight)
-        self.gemv = bf16_gemv.Gemv(weight, bias) if few_rows and self.packed and bf16_gemv.available() else None
+        few = few_rows and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and bf16_gemv.available()
+        self.gemv = bf16_gemv.Gemv(weight, bias) if few else None
         self.few_rows = few_rows if self.gemv else 0
         # oneDNN's packed layout is opaque; the plain copy is dropped once packed
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
@@ -193,7 +194,8 @@ class FusedAdapter(Adapter):
         timed = "; ".join(f"{m} row{'s' * (m > 1)} {ours * 1e3:.1f} ms against {theirs * 1e3:.1f}"
                           for m, (ours, theirs) in times.items())  # fmt: skip
         chosen = f"up to {rows} row{'s' * (rows > 1)}" if rows else "never"
-        return f"bf16 few-row kernel: {chosen} (every matrix, ours against oneDNN's: {timed})"
+        theirs = "oneDNN's" if self.head.packed else "F.linear"
+        return f"bf16 few-row kernel ({bf16_gemv.isa()}): {chosen} (every matrix, ours against {theirs}: {timed})"
 
     def attention(self, i: int, h: torch.Tensor, rope, mask, cache, weights: FusedLayer | None = None) -> torch.Tensor:
         layer = weights or self.fused[i]

@@ -13,5 +13,10 @@ def cache_root() -> Path:
 
 
 def use_selfspec_inductor_cache() -> None:
-    """Inductor's FX-graph and AOT caches under the selfspec cache, unless the user chose a place."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    """Inductor's FX-graph and AOT caches under the selfspec cache, unless the user chose a place; one for each
+    ATEN_CPU_CAPABILITY, which inductor's generated CPU code follows but its cache keys do not: a graph compiled at
+    AVX-512 and loaded by a process at AVX2 multiplied only part of its output (a [1, 1, 37] product times 2)."""
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR", str(cache_root() / f"inductor{'-' * bool(capability)}{capability}")
+    )

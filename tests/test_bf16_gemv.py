@@ -2,18 +2,19 @@
 runs it only up to the rows it measured faster, and a compiled graph calls it without a Python frame."""
 
 import gc
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from test_architectures import tiny
 
 from selfspec import bf16_gemv
-from selfspec.cpu import packed_bf16
+from selfspec.cpu import cpu_flags
 from selfspec.fused import FusedLinear, engine_adapter
 
-pytestmark = pytest.mark.skipif(
-    not (bf16_gemv.available() and packed_bf16()), reason="needs AVX-512 bf16, oneDNN's bf16 kernels and a compiler"
-)
+pytestmark = pytest.mark.skipif(not bf16_gemv.available(), reason="needs AVX-512 bf16 or AVX2, and a compiler")
 
 ROWS, WIDTH = 37, 70  # rows not a multiple of the 16-row block, and an odd number of input pairs
 
@@ -90,4 +91,20 @@ def test_an_adapter_runs_every_matrix_by_the_rows_it_chose():
     linears = [getattr(layer, name) for layer in adapter.fused for name in ("qkv", "o", "gate_up", "down")]
     assert adapter.few_rows in (0, *bf16_gemv.TIMED_ROWS)
     assert all(linear.few_rows == adapter.few_rows for linear in linears + [adapter.head])
-    assert adapter.few_rows_line.startswith("bf16 few-row kernel: ")
+    assert adapter.few_rows_line.startswith(f"bf16 few-row kernel ({bf16_gemv.isa()}): ")
+
+
+@pytest.mark.skipif("avx512_bf16" not in cpu_flags().split(), reason="the AVX-512 build runs here natively")
+def test_the_avx2_build_runs_where_torch_runs_avx2_and_gives_the_same_sums(tmp_path):
+    """A CPU without AVX-512 runs the kernel's AVX2 code: built here as torch's AVX2 kernels are chosen."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}  # the child's own, as from a shell
+    env |= {"ATEN_CPU_CAPABILITY": "avx2", "SELFSPEC_CACHE": str(tmp_path)}
+    tests = ["-k", "products or released or takes_it or compiled_graph", "-p", "no:cacheprovider", "-n", "0"]
+    said = "import os; from selfspec import bf16_gemv; bf16_gemv.available(); print(bf16_gemv.isa(), os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+    isa = subprocess.run([sys.executable, "-c", said], env=env, capture_output=True, text=True)
+    # and graphs compiled at AVX2 kept apart from those compiled at AVX-512
+    assert isa.stdout.split() == ["avx2", str(tmp_path / "inductor-avx2")], isa.stderr
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", *tests], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0 and "9 passed," in run.stdout, run.stdout[-2000:]
