@@ -8,6 +8,7 @@ once to bfloat16: float32 models never take this path.
 """
 
 import functools
+import os
 import time
 import weakref
 from collections.abc import Callable
@@ -16,8 +17,15 @@ import torch
 
 from .native import built
 
+# Set to 0 to keep the fused forward on oneDNN's kernels or F.linear at every width.
+ENABLED_ENV = "SELFSPEC_FEW_ROW_KERNEL"
 TIMED_ROWS = (1, 2, 4)  # a decode step, the narrowest verify passes; wider ones are AMX's or oneDNN's
 TIMED_PASSES = 5
+
+
+def wanted() -> bool:
+    """Whether the kernel may run: it is available and SELFSPEC_FEW_ROW_KERNEL is not 0."""
+    return os.environ.get(ENABLED_ENV, "1") != "0" and available()
 
 
 @functools.cache

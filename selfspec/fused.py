@@ -48,7 +48,7 @@ class FusedLinear:
         self.sizes = sizes
         self.in_features = weight.shape[1]
         self.packed = _packs(weight)
-        few = few_rows and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and bf16_gemv.available()
+        few = few_rows and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and bf16_gemv.wanted()
         self.gemv = bf16_gemv.Gemv(weight, bias) if few else None
         self.few_rows = few_rows if self.gemv else 0
         # oneDNN's packed layout is opaque; the plain copy is dropped once packed

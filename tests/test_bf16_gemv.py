@@ -57,6 +57,13 @@ def test_the_fused_product_takes_it_up_to_its_rows_only():
     assert linear.gemv is None and linear(x[:, :1]).shape == (1, 1, ROWS)
 
 
+def test_it_can_be_kept_off(monkeypatch):
+    monkeypatch.setenv(bf16_gemv.ENABLED_ENV, "0")
+    weight, bias = ragged(4)
+    linear = FusedLinear(weight, bias, [ROWS], few_rows=4)
+    assert linear.gemv is None and linear.few_rows == 0
+
+
 def test_a_compiled_graph_calls_the_kernel_itself():
     weight, bias = ragged(2)
     linear = FusedLinear(weight, bias, [ROWS], few_rows=1)
