@@ -9,18 +9,17 @@ once to bfloat16: float32 models never take this path.
 
 import functools
 import os
-import time
 import weakref
 from collections.abc import Callable
 
 import torch
 
 from .native import built
+from .timing import best_pass_seconds
 
 # Set to 0 to keep the fused forward on oneDNN's kernels or F.linear at every width.
 ENABLED_ENV = "SELFSPEC_FEW_ROW_KERNEL"
 TIMED_ROWS = (1, 2, 4)  # a decode step, the narrowest verify passes; wider ones are AMX's or oneDNN's
-TIMED_PASSES = 5
 
 
 def wanted() -> bool:
@@ -66,8 +65,8 @@ def rows_it_wins(products: list[tuple[Callable, Callable, int]]) -> tuple[int, d
     times = {}
     for rows in TIMED_ROWS:
         inputs = {k: torch.randn(1, rows, k, dtype=torch.bfloat16) for _, _, k in products}
-        ours = _pass_seconds([(run, inputs[k]) for run, _, k in products])
-        theirs = _pass_seconds([(run, inputs[k]) for _, run, k in products])
+        ours = best_pass_seconds([(run, inputs[k]) for run, _, k in products])
+        theirs = best_pass_seconds([(run, inputs[k]) for _, run, k in products])
         times[rows] = ours, theirs
     wins = 0
     for rows in TIMED_ROWS:
@@ -75,13 +74,3 @@ def rows_it_wins(products: list[tuple[Callable, Callable, int]]) -> tuple[int, d
             break
         wins = rows
     return wins, times
-
-
-def _pass_seconds(calls: list[tuple[Callable, torch.Tensor]]) -> float:
-    best = float("inf")
-    for _ in range(TIMED_PASSES + 1):
-        started = time.perf_counter()
-        for run, x in calls:
-            run(x)
-        best = min(best, time.perf_counter() - started)
-    return best

@@ -3,8 +3,9 @@
 Eager decoding pays a dispatch per op (norms, rotary, attention, cache writes, residual adds) and at batch 1 on a
 small model that overhead rivals streaming the weights; compiled, the elementwise work fuses into a few loops.
 The matrix products stay the fused forward's own kernels (oneDNN's packed bf16 where the CPU has it), called by
-handle through one custom op, or our few-row kernel's op on its matrix's number; so the graph holds no weights: inductor's on-disk caches (kept under the selfspec
-cache) then serve a second process, which pays a few seconds of tracing instead of the compile.
+handle through one custom op, or our few-row kernel's op on its matrix's number; so the graph holds no weights:
+inductor's on-disk caches (kept under the selfspec cache) then serve a second process, which pays a few seconds of
+tracing instead of the compile.
 
 The step is capture-ready: the position is a tensor, the cache write happens inside the graph at that position,
 nothing syncs with the host, and the one size that changes between calls is the key length it reads.

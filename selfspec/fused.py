@@ -183,12 +183,10 @@ class FusedAdapter(Adapter):
     def _choose_few_rows(self) -> str:
         """Time our few-row kernel against oneDNN's over every matrix, keep it where it won, and say so."""
         linears = [getattr(layer, name) for layer in self.fused for name in MATRICES] + [self.head]
-        self.few_rows = 0
         if not any(linear.gemv for linear in linears):
             return ""
         products = [(linear.gemv, linear.wide, linear.in_features) for linear in linears]
         rows, times = bf16_gemv.rows_it_wins(products)
-        self.few_rows = rows
         for linear in linears:
             linear.use_few_rows(rows)
         timed = "; ".join(f"{m} row{'s' * (m > 1)} {ours * 1e3:.1f} ms against {theirs * 1e3:.1f}"
@@ -196,6 +194,11 @@ class FusedAdapter(Adapter):
         chosen = f"up to {rows} row{'s' * (rows > 1)}" if rows else "never"
         theirs = "oneDNN's" if self.head.packed else "F.linear"
         return f"bf16 few-row kernel ({bf16_gemv.isa()}): {chosen} (every matrix, ours against {theirs}: {timed})"
+
+    @property
+    def few_rows(self) -> int:
+        """Up to how many input rows the exact matrices run by the few-row kernel (0: never)."""
+        return self.head.few_rows
 
     def attention(self, i: int, h: torch.Tensor, rope, mask, cache, weights: FusedLayer | None = None) -> torch.Tensor:
         layer = weights or self.fused[i]

@@ -12,7 +12,6 @@ a little less often, and the verify pass, which never runs a low-bit weight, emi
 
 import os
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,10 +26,10 @@ from .cpu import cpu_flags
 from .fused import MATRICES, FusedAdapter, FusedLayer, FusedLinear, layer_linears, stacked
 from .graph_ops import kernel_handle, registered_linear
 from .paths import cache_root
+from .timing import best_pass_seconds
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZE = 32
-TIMED_PASSES = 5
 # Packed draft heads kept, by row set: decoding reuses one; tune scores each candidate with two, ranked on either
 # half of its texts (`search.teacher.held_out_rankings`), and tries many sizes.
 HEAD_ROW_SETS = 2
@@ -182,16 +181,7 @@ class LowbitLinear:
 def _pass_seconds(runs: list[Callable], matrices: list[QuantizedMatrix], dtype, device) -> float:
     """Best of a few passes over every matrix in a row with one-token inputs: the streaming a step does."""
     inputs = {width: torch.randn(1, width, dtype=dtype, device=device) for width in {m.shape[1] for m in matrices}}
-    calls = [(run, inputs[m.shape[1]]) for run, m in zip(runs, matrices)]
-    best = float("inf")
-    for _ in range(TIMED_PASSES + 1):
-        started = time.perf_counter()
-        for run, x in calls:
-            run(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - started)
-    return best
+    return best_pass_seconds([(run, inputs[m.shape[1]]) for run, m in zip(runs, matrices)], device)
 
 
 def fastest_kernel(

@@ -17,6 +17,5 @@ def use_selfspec_inductor_cache() -> None:
     ATEN_CPU_CAPABILITY, which inductor's generated CPU code follows but its cache keys do not: a graph compiled at
     AVX-512 and loaded by a process at AVX2 multiplied only part of its output (a [1, 1, 37] product times 2)."""
     capability = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
-    os.environ.setdefault(
-        "TORCHINDUCTOR_CACHE_DIR", str(cache_root() / f"inductor{'-' * bool(capability)}{capability}")
-    )
+    name = f"inductor-{capability}" if capability else "inductor"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / name))
