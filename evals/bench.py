@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 
 import selfspec
 from selfspec import Schedule, SelfspecError
-from selfspec.cli_options import table_console
+from selfspec.cli_options import ScheduleChoice, schedule_for, schedule_option, table_console
 from selfspec.compiled import decode_step, step_line
 from selfspec.cpu import cpu_flags, kernel_setting
 from selfspec.files import ensure_writable
@@ -30,6 +30,7 @@ from selfspec.fused import FusedAdapter, engine_adapter
 from selfspec.loop import DRAFT, VERIFY
 from selfspec.lowbit import draft_weights, kernels_line
 from selfspec.progress import progress_for
+from selfspec.schedule import describe
 from selfspec.wrap import step_mode
 from selfspec.zoo import load_model, parse_dtype
 
@@ -43,17 +44,18 @@ PROFILED_TOKENS = 32  # the profiler's own bookkeeping grows with the ops it rec
 PROFILE_ROWS = 12
 
 
-def bench_methods(model: PreTrainedModel, schedule: Schedule | None) -> list[Method]:
-    """generate, the plain loop per backend this model has, and speculation when a schedule is given."""
+def bench_methods(model: PreTrainedModel, schedule: Schedule | None) -> tuple[list[Method], Schedule]:
+    """generate, the plain loop per backend this model has, and speculation where the schedule drafts (None: what
+    tune recorded here, else the built-in default); and the schedule."""
     methods = [Method(REFERENCE, model.generate)]
     backends = ["reference", "eager", "compiled"] if isinstance(engine_adapter(model), FusedAdapter) else ["reference"]
     for backend in backends:
         plain = selfspec.wrap(model, Schedule.plain(), backend=backend)
         methods.append(Method(f"plain·{backend}", plain.generate, plain))
-    if schedule is not None:
-        fast = selfspec.wrap(model, schedule)
+    fast = selfspec.wrap(model, schedule)
+    if fast.schedule.drafting:
         methods.append(Method("speculation", fast.generate, fast))
-    return methods
+    return methods, fast.schedule
 
 
 @dataclass
@@ -189,12 +191,7 @@ def print_profile(name: str, by_phase: dict[str, dict[str, float]], calls: dict[
 
 @click.command("bench")
 @click.argument("model")
-@click.option(
-    "--schedule",
-    "schedule_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also time speculation with this schedule JSON.",
-)
+@schedule_option("Also time speculation with this schedule, where it drafts.")
 @timed_run_options
 @click.option(
     "--profile",
@@ -207,7 +204,7 @@ def print_profile(name: str, by_phase: dict[str, dict[str, float]], calls: dict[
 )
 def bench_command(
     model: str,
-    schedule_path: Path | None,
+    schedule_choice: ScheduleChoice | None,
     dtype: str,
     max_new_tokens: int,
     repeats: int,
@@ -222,7 +219,6 @@ def bench_command(
     """Time MODEL's decode loop against model.generate and the memory-bandwidth floor (greedy decoding)."""
     parse_dtype(dtype)  # everything that can be wrong with the arguments fails before the model loads
     prompts = prompts_from(prompts_path, categories, limit)
-    schedule = Schedule.from_file(schedule_path) if schedule_path is not None else None
     if out_path is not None:
         ensure_writable(out_path)
     if threads is not None:
@@ -233,7 +229,7 @@ def bench_command(
         lm, tokenizer = load_model(model, dtype, trust_remote_code=trust_remote_code)
         progress.stage("measuring read bandwidth")
         bandwidth = read_bandwidth()
-        methods = bench_methods(lm, schedule)
+        methods, schedule = bench_methods(lm, schedule_for(schedule_choice, lm))
         settings = Settings(max_new_tokens, repeats)
         runs, interrupted = run_with_progress(methods, tokenizer, prompts, settings, lm.device, progress)
     if not runs:
@@ -241,7 +237,7 @@ def bench_command(
     floor_ms = 1000 * floor_seconds_per_token(lm, bandwidth)
     rows = totals(runs)
     print_bench(rows, floor_ms, step_weight_bytes(lm) / 1e6, bandwidth / 1e9, console)
-    gamma = schedule.max_draft if schedule is not None else 0
+    gamma = schedule.max_draft
     plain_loop = plain_loop_of(lm)
     draft = draft_figures(runs, gamma, plain_loop)
     print_draft(draft, gamma, plain_loop, console)
@@ -249,8 +245,7 @@ def bench_command(
         console.print(step_line(engine_adapter(lm)), soft_wrap=True)
         if engine_adapter(lm).few_rows_line:
             console.print(engine_adapter(lm).few_rows_line, soft_wrap=True)
-    if schedule is not None:
-        print_kernels(lm, schedule, console)
+    print_kernels(lm, schedule, console)
     console.print(f"cpu: {kernel_setting()}; {torch.get_num_threads()} threads, {dtype}")
     if with_profile:
         input_ids = encode(tokenizer, prompts[0].text).to(lm.device)
@@ -267,7 +262,7 @@ def bench_command(
     if out_path is not None:
         figures = {
             "model": model, "dtype": dtype, "threads": torch.get_num_threads(), "cpu_flags": cpu_flags(), "kernels": kernel_setting(),
-            "few_row_kernel": getattr(engine_adapter(lm), "few_rows_line", ""), "prompts": len(runs), "layer_draft": draft,
+            "few_row_kernel": getattr(engine_adapter(lm), "few_rows_line", ""), "prompts": len(runs), "schedule": describe(schedule), "layer_draft": draft,
             "max_new_tokens": max_new_tokens, "read_bandwidth_gbs": bandwidth / 1e9, "floor_ms_per_token": floor_ms,
             "methods": [{**asdict(r), "ms_per_token": r.ms_per_token, "tokens_per_second": r.tokens_per_second}
                         for r in rows],

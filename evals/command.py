@@ -9,8 +9,7 @@ import torch
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
-from selfspec import Schedule
-from selfspec.cli_options import table_console, trust_remote_code_option
+from selfspec.cli_options import ScheduleChoice, schedule_for, schedule_option, table_console, trust_remote_code_option
 from selfspec.files import ensure_writable
 from selfspec.progress import Bars, Lines, progress_for
 from selfspec.zoo import load_model, parse_dtype
@@ -98,12 +97,7 @@ def _compare(model: str | None, paths: tuple[Path, Path]) -> None:
 
 @click.command("eval")
 @click.argument("model", required=False)
-@click.option(
-    "--schedule",
-    "schedule_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Schedule JSON under test (default: the untuned default).",
-)
+@schedule_option("The schedule under test.")
 @timed_run_options
 @click.option(
     "--baselines",
@@ -129,7 +123,7 @@ def _compare(model: str | None, paths: tuple[Path, Path]) -> None:
 def eval_command(
     ctx: click.Context,
     model: str | None,
-    schedule_path: Path | None,
+    schedule_choice: ScheduleChoice | None,
     prompts_path: Path | None,
     categories: str | None,
     limit: int | None,
@@ -161,7 +155,6 @@ def eval_command(
     chosen = _csv(baselines) or []
     check_baselines(chosen)
     prompts = prompts_from(prompts_path, categories, limit)
-    schedule = Schedule.from_file(schedule_path) if schedule_path is not None else None
     out_dir = out_dir or Path(f"eval-{Path(model).name}")
     ensure_writable(out_dir / "report.json")
     if threads is not None:
@@ -170,7 +163,7 @@ def eval_command(
     with progress_for(progress_console(), "eval", transient=True) as progress:
         progress.stage(f"loading {model} ({dtype})")
         lm, tokenizer = load_model(model, dtype, trust_remote_code=trust_remote_code)
-        methods = build_methods(lm, schedule, chosen)
+        methods = build_methods(lm, schedule_for(schedule_choice, lm), chosen)
         settings = Settings(max_new_tokens, repeats, sample, 0 if seed is None else seed)
         source = str(prompts_path) if prompts_path else "built-in long-form"
         categories_run = list(dict.fromkeys(p.category for p in prompts))

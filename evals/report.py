@@ -23,10 +23,11 @@ from selfspec.search.surrogate import leviathan_bound
 from transformers import PreTrainedModel
 
 import selfspec
-from selfspec import GenerationStats, SelfspecError
+from selfspec import GenerationStats, Schedule, SelfspecError
 from selfspec.cpu import cpu_flags, cpu_name, kernel_setting
 from selfspec.files import write_json_atomic
 from selfspec.loop import TOTALS
+from selfspec.schedule import describe
 
 from .prompts import ALL
 from .runner import REFERENCE, Method, PromptRun, Settings
@@ -195,6 +196,7 @@ def run_meta(
 ) -> dict[str, Any]:
     """What a report records about its run: `inputs` (prompt source, filters) and the settings,
     environment and selfspec schedule. `name` is how the model was asked for."""
+    fast = next(m.engine for m in methods if m.name == "selfspec")
     return {
         "model": name,
         **inputs,
@@ -205,7 +207,8 @@ def run_meta(
         "methods": [m.name for m in methods],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "environment": environment(model),
-        "schedule": next(m.engine.schedule.to_dict() for m in methods if m.name == "selfspec"),
+        "schedule": fast.schedule.to_dict(),
+        "schedule_source": fast.schedule_source,
     }
 
 
@@ -319,6 +322,10 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             )  # fmt: skip
         table.add_section()
     console.print(table)
+    if "schedule_source" in report:  # reports before it did not record it
+        console.print(
+            f"selfspec schedule: {describe(Schedule.from_dict(report['schedule']))}, {report['schedule_source']}"
+        )
     for method, m in summary[ALL].items():
         if m["stop_reasons"]:
             reasons = " · ".join(f"{reason} {count}" for reason, count in m["stop_reasons"].items())

@@ -65,7 +65,7 @@ def check_baselines(names: Sequence[str]) -> None:
 
 def build_methods(model: PreTrainedModel, schedule: Schedule | None, baselines: Sequence[str]) -> list[Method]:
     """The reference `generate` (always: speed-ups and losslessness are measured against it), the other
-    requested baselines, and `selfspec` with `schedule` (None: the engine's untuned default)."""
+    requested baselines, and `selfspec` with `schedule` (None: what tune recorded here, else the built-in default)."""
 
     check_baselines(baselines)
 

@@ -15,7 +15,7 @@ from selfspec.errors import SelfspecError
 from selfspec.files import ensure_writable
 from selfspec.lowbit import kernels_line
 from selfspec.progress import Bars, Lines, progress_for
-from selfspec.schedule import Schedule
+from selfspec.schedule import Schedule, describe
 from selfspec.wrap import wrap
 from selfspec.zoo import load_model, parse_dtype
 
@@ -64,38 +64,6 @@ class _Progress(Reporter):
 
 def _times(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}x"
-
-
-def _layers(indices: tuple[int, ...]) -> str:
-    """(7, 8, 9, 12) -> '7-9,12'."""
-    runs: list[list[int]] = []
-    for i in indices:
-        if runs and i == runs[-1][-1] + 1:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
-
-
-def describe(schedule: Schedule) -> str:
-    """One short line: context copies, then skipped sublayers, exit, width, confidence floor, anneal."""
-    if not schedule.drafting:
-        return "plain loop (drafting off)"
-    parts = []
-    if schedule.context_ngram:
-        parts.append(f"ctx n{schedule.context_min_ngram}-{schedule.context_ngram} w{schedule.context_max_draft}")
-    if schedule.max_draft == 0:
-        return " ".join(parts + ["+ plain"])
-    forms = [("attn", "skip_attn"), ("mlp", "skip_mlp")]
-    forms += [(f"{s} {kind}", f"{s}_{kind}") for s in ("int8", "int4") for kind in ("attn", "mlp")]
-    parts += [f"{label} {_layers(getattr(schedule, name))}" for label, name in forms if getattr(schedule, name)]
-    if schedule.head_precision != "exact" or schedule.head_vocab:
-        parts.append(f"head {schedule.head_precision} {schedule.head_vocab or 'all'}")
-    if schedule.exit_layer is not None:
-        parts.append(f"exit {schedule.exit_layer}")
-    parts.append(f"w{schedule.max_draft}{'+' if schedule.adaptive_width else ''}")
-    parts.append(f"p>={schedule.confidence:.2f} a={schedule.anneal:.1f}")
-    return " ".join(parts)
 
 
 _CAPTION = (
@@ -281,6 +249,11 @@ def tune_command(
     for scheme, kernels in result.schedule.meta.get("kernels", {}).items():
         console.print(kernels_line(scheme, kernels), soft_wrap=True)
     console.print(_summary(result, out) + f" ({seconds:.0f}s)")
+    console.print(
+        f"recorded for this model, dtype and machine in {result.recorded}: `selfspec generate`, `eval` and `bench` "
+        "without --schedule, and wrap(model) given none, run it here",
+        soft_wrap=True,
+    )
 
 
 @click.command("calibrate")

@@ -14,7 +14,7 @@ means no layer draft at all, so plain steps and context-only drafting are in the
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from selfspec.schedule import Schedule
-from selfspec.wrap import default_schedule
+from selfspec.schedule.presets import early_exit
 
 VERSION = 3  # studies made over another space are not resumed with this one
 MAX_WIDTH = 8  # widths past this need near-perfect agreement to pay
@@ -127,7 +127,7 @@ def seeds(num_layers: int, schemes: tuple[str, ...] = (), head_vocabs: tuple[int
     self-draft), alone and beside context copies, and the whole model over low-bit weights drafting wide with no
     floor (where it agrees almost always); a few attention sublayers skipped in the late-middle
     layers, or an exit a little before the top, with a high confidence floor and a small width; context
-    copies alone, and beside a layer draft; plus the untuned default.
+    copies alone, and beside a layer draft; plus the fixed early-exit recipe.
     """
     late = tuple(round(num_layers * f) for f in (0.6, 0.7, 0.8))
     copies = {"context_ngram": 3, "context_min_ngram": 1, "context_max_draft": 8}
@@ -159,6 +159,6 @@ def seeds(num_layers: int, schemes: tuple[str, ...] = (), head_vocabs: tuple[int
                 confidence=0.9,
                 adaptive_width=True,
             ),
-            default_schedule(num_layers),
+            early_exit(num_layers),
         ]
     )

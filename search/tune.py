@@ -27,7 +27,7 @@ from selfspec.fingerprint import model_identity
 from selfspec.fused import engine_adapter
 from selfspec.loop import GenerationStats
 from selfspec.lowbit import draft_weights
-from selfspec.schedule import Schedule
+from selfspec.schedule import Schedule, record
 from selfspec.wrap import wrap
 
 from . import space
@@ -92,6 +92,9 @@ class TuneResult:
     chosen: Measurement | None  # None: drafting off (nothing beat plain, or nothing was measured)
     trials: int  # finished trials in the study
     pruned: int  # trials of the study pruned on their early figure
+    recorded: Path | None = (
+        None  # where the schedule was kept for this model and machine (`selfspec.schedule.recorded`)
+    )
 
 
 class Reporter:
@@ -479,7 +482,8 @@ def tune(
     config: TuneConfig,
     reporter: Reporter | None = None,
 ) -> TuneResult:
-    """Search, measure the finalists against the plain loop, and write the best measured schedule to config.out.
+    """Search, measure the finalists against the plain loop, and write the best measured schedule to config.out;
+    record it as this model's, dtype's and machine's too, for `wrap(model)` given no schedule.
 
     With config.finalists == 0 it only adds trials to the study and writes nothing.
     """
@@ -504,4 +508,5 @@ def tune(
     }
     schedule = (chosen.schedule if chosen else Schedule.plain()).with_meta(**meta)
     schedule.to_file(config.out)
-    return TuneResult(schedule, runs[0], finalists, chosen, meta["trials"], meta["trials_pruned"])
+    recorded = record(schedule, model, name)  # what `wrap(model)` then runs here when given no schedule
+    return TuneResult(schedule, runs[0], finalists, chosen, meta["trials"], meta["trials_pruned"], recorded)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
@@ -12,9 +11,9 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
-from selfspec.cli_options import trust_remote_code_option
+from selfspec.cli_options import ScheduleChoice, schedule_for, schedule_option, trust_remote_code_option
 from selfspec.errors import SelfspecError
-from selfspec.schedule import Schedule
+from selfspec.schedule import Schedule, describe, recorded_here
 from selfspec.wrap import wrap
 from selfspec.zoo import list_models, load_model, parse_dtype
 
@@ -62,14 +61,31 @@ def _human(size: int | None) -> str:
 @click.option("--verify", is_flag=True, help="Hash every cached file in full (slow) instead of a size/mtime check.")
 def models(verify: bool) -> None:
     """List the model zoo and what is cached."""
+    recorded = recorded_here()
     table = Table(title="selfspec model zoo")
-    for column in ("name", "source", "layers", "cached", "size", "path"):
+    for column in ("name", "source", "layers", "cached", "size", "tuned here", "path"):
         table.add_column(column, overflow="fold")
     for info in list_models(verify=verify):
         name = f"{info.name}\n[dim]{info.note}[/dim]" if info.note else info.name
         cached = "[green]yes[/green]" if info.cached else "no"
-        table.add_row(name, info.source, str(info.layers), cached, _human(info.size_bytes), str(info.path))
-    Console().print(table)
+        tuned = ", ".join(sorted({key["dtype"] for key, r in recorded if r.model == info.name})) or "-"
+        table.add_row(name, info.source, str(info.layers), cached, _human(info.size_bytes), tuned, str(info.path))
+    console = Console()
+    console.print(table)
+    if recorded:
+        console.print(_recorded_table(recorded))
+
+
+def _recorded_table(recorded: list) -> Table:
+    """The schedules tune recorded on this CPU, which wrap and the commands run when given no --schedule."""
+    table = Table(title="schedules `selfspec tune` recorded on this machine (used when no --schedule is given)")
+    for column in ("model", "dtype", "threads", "schedule", "× plain", "recorded", "file"):
+        table.add_column(column, overflow="fold")
+    for key, r in recorded:
+        speedup = r.schedule.meta.get("speedup")
+        times = f"{speedup:.3f}" if isinstance(speedup, (int, float)) else "-"
+        table.add_row(r.model, key["dtype"], str(key["threads"]), describe(r.schedule), times, r.recorded, str(r.path))
+    return table
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, prompt: str) -> torch.Tensor:
@@ -89,13 +105,10 @@ def _generate(
     input_ids: torch.Tensor,
     max_new_tokens: int,
     streamer: TextStreamer | None,
-    schedule: Schedule,
+    schedule: Schedule | None,
 ) -> torch.Tensor:
-    """Greedy generation through the engine; returns prompt + new tokens [1, T + N].
-
-    Without a schedule the engine runs drafting off (its plain loop): on small models that is the safe choice
-    until `selfspec tune` has shown a draft that pays.
-    """
+    """Greedy generation through the engine; returns prompt + new tokens [1, T + N]. Schedule None: what
+    `selfspec tune` recorded for this model and machine, else the built-in default (wrap says which)."""
     return wrap(model, schedule).generate(
         input_ids,
         attention_mask=torch.ones_like(input_ids),
@@ -116,12 +129,7 @@ def _generate(
     help="float32, bfloat16 or float16 (also fp32, bf16, fp16).",
 )
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
-@click.option(
-    "--schedule",
-    "schedule_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Draft schedule JSON from `selfspec tune`.",
-)
+@schedule_option("Draft schedule.")
 @trust_remote_code_option
 @click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's choice).")
 def generate(
@@ -130,16 +138,16 @@ def generate(
     max_new_tokens: int,
     dtype: str,
     stream: bool,
-    schedule_path: Path | None,
+    schedule_choice: ScheduleChoice | None,
     threads: int | None,
     trust_remote_code: bool,
 ) -> None:
     """Generate a reply to PROMPT with MODEL (a zoo name, a model directory or a hub id)."""
     parse_dtype(dtype)  # fail before a possibly long model load
-    schedule = Schedule.from_file(schedule_path) if schedule_path is not None else Schedule.plain()
     if threads is not None:
         torch.set_num_threads(threads)
     lm, tokenizer = load_model(model, dtype, trust_remote_code=trust_remote_code)
+    schedule = schedule_for(schedule_choice, lm)
     input_ids = _encode(tokenizer, prompt)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     with torch.inference_mode():

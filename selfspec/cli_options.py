@@ -1,13 +1,70 @@
 """What the commands share: options of every command that loads a model, and the console tables print to."""
 
+import sys
+from dataclasses import dataclass
+from typing import Any
+
 import click
 from rich.console import Console
+from transformers import PreTrainedModel
+
+from .errors import ScheduleError
+from .schedule import NAMED, Schedule, describe
 
 trust_remote_code_option = click.option(
     "--trust-remote-code",
     is_flag=True,
     help="Run modelling code shipped with the model (off by default: only for a model you trust).",
 )
+
+
+@dataclass(frozen=True)
+class ScheduleChoice:
+    """--schedule's value: a named schedule, or a schedule file read (and checked) before the model loads."""
+
+    name: str | None = None
+    schedule: Schedule | None = None
+    path: str | None = None
+
+    @property
+    def source(self) -> str:
+        return f"named {self.name!r}" if self.name else f"from {self.path}"
+
+    def for_model(self, model: PreTrainedModel) -> Schedule:
+        """The schedule, said on stderr with where it came from (wrap says so where it chose one itself)."""
+        schedule = NAMED[self.name](model.config.num_hidden_layers) if self.name else self.schedule
+        print(f"selfspec: schedule {describe(schedule)}: {self.source}", file=sys.stderr)
+        return schedule
+
+
+class ScheduleParam(click.ParamType):
+    name = "FILE|NAME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> ScheduleChoice:
+        if isinstance(value, ScheduleChoice):
+            return value
+        if value in NAMED:
+            return ScheduleChoice(name=value)
+        try:
+            return ScheduleChoice(schedule=Schedule.from_file(value), path=value)
+        except ScheduleError as e:
+            self.fail(f"{e} (--schedule takes a schedule file or one of: {', '.join(NAMED)})", param, ctx)
+
+
+def schedule_option(help_text: str):  # noqa: ANN201 - a click decorator
+    return click.option(
+        "--schedule",
+        "schedule_choice",
+        type=ScheduleParam(),
+        help=f"{help_text} A schedule JSON file, or {', '.join(NAMED)} (drafting off; the built-in default; the "
+        "fixed layer-exit recipe). Default: what `selfspec tune` recorded for this model and machine, else the "
+        "built-in default.",
+    )
+
+
+def schedule_for(choice: ScheduleChoice | None, model: PreTrainedModel) -> Schedule | None:
+    """The schedule --schedule asked for; None leaves the choice to wrap (recorded here, else built-in)."""
+    return None if choice is None else choice.for_model(model)
 
 
 def table_console() -> Console:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .cache import PositionedCache
-from .cpu import kernel_setting
+from .cpu import machine_key
 from .files import write_json_atomic
 from .fused import FusedAdapter
 from .paths import cache_root
@@ -274,7 +274,7 @@ def record_path(adapter: FusedAdapter, what: str = "passes") -> Path:
     kept."""
     dtype = str(adapter.lm_head.weight.dtype).removeprefix("torch.")
     # the passes our few-row kernel serves are other graphs (`FusedAdapter.few_rows`, timed in each process)
-    machine = f"{kernel_setting()}|{torch.__version__}|{torch.get_num_threads()} threads|{adapter.few_rows} few rows"
+    machine = json.dumps(machine_key() | {"few_rows": adapter.few_rows}, sort_keys=True)
     key = hashlib.sha256(machine.encode()).hexdigest()[:12]
     name = f"{adapter.fingerprint}-{dtype}-{key}-{what}-v{RECORD_VERSION}.json"
     return cache_root() / "steps" / name

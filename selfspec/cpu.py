@@ -53,3 +53,14 @@ def kernel_setting() -> str:
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
     capped = f", oneDNN ISA up to {cap}" if cap else ""
     return f"{cpu_flags()}; torch kernels {torch.backends.cpu.get_cpu_capability()}, packed bf16 {packed}{capped}"
+
+
+def machine_key() -> dict[str, str | int]:
+    """What a measured speed on this machine depends on: the CPU, the kernels torch takes on it, torch's version
+    and its thread count. Step timings and recorded schedules are kept per key."""
+    return {
+        "cpu": cpu_name(),
+        "kernels": kernel_setting(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }

@@ -6,6 +6,7 @@ silently ignored, because a silently dropped setting would change the output.
 
 import copy
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -21,7 +22,7 @@ from .fused import FusedAdapter, engine_adapter
 from .loop import GenerationStats, decode
 from .runner import Runner
 from .sampling import Sampler
-from .schedule import Schedule
+from .schedule import Schedule, default_for, describe
 
 STEP_ENV = "SELFSPEC_DECODE_STEP"
 # generate() arguments that are generation-config fields this engine implements.
@@ -51,15 +52,6 @@ def step_mode(backend: str) -> str:
     return mode
 
 
-def default_schedule(num_layers: int) -> Schedule:
-    """Untuned default: early exit at ~3/4 depth, annealed, stopping at the first unsure token.
-
-    Small models agree poorly with their shallow layers, so the floor keeps wasted drafts short;
-    `selfspec tune` finds what actually pays on a given model and device.
-    """
-    return Schedule(exit_layer=max(1, round(0.75 * num_layers)), max_draft=6, anneal=1.0, confidence=0.6)
-
-
 class SpeculativeModel:
     """Wraps a causal LM; `generate` drafts with the model's own shallower self and verifies losslessly."""
 
@@ -68,7 +60,12 @@ class SpeculativeModel:
         self._adapter = engine_adapter(model, backend)
         self._step_mode = step_mode(backend) if isinstance(self._adapter, FusedAdapter) else "eager"
         num_layers = self._adapter.num_layers
-        self.schedule = (schedule or default_schedule(num_layers)).validate_for(num_layers)
+        self.schedule_source = "given to wrap"
+        if schedule is None:
+            default = default_for(model, num_layers)
+            schedule, self.schedule_source = default.schedule, default.source
+            print(f"selfspec: schedule {describe(schedule)}: {self.schedule_source}", file=sys.stderr)
+        self.schedule = schedule.validate_for(num_layers)
         self.schedule.validate_vocab(self._adapter.lm_head.weight.shape[0])
         _check_schedule_target(self.schedule, model)
         prepare_drafts(self._adapter, self.schedule)
@@ -175,7 +172,10 @@ def _check_schedule_target(schedule: Schedule, model: PreTrainedModel) -> None:
 
 
 def wrap(model: PreTrainedModel, schedule: Schedule | None = None, backend: str = "auto") -> SpeculativeModel:
-    """Wrap `model` for self-speculative generation; schedule None means an untuned default.
+    """Wrap `model` for self-speculative generation.
+
+    schedule None: what `selfspec tune` recorded for this model, dtype and machine, else the built-in default
+    (`selfspec.schedule.default`); stderr says which, and `.schedule_source` keeps it.
 
     backend: "fused" runs derived fused copies of the weights (`selfspec.fused`), "reference" the model's own
     modules; "auto" takes fused where the architecture allows it. The fused forward's one-token step is compiled

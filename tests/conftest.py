@@ -1,6 +1,9 @@
 """Shared fixtures: real zoo models, built into the selfspec cache on first use."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -13,6 +16,10 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 # Tests that want the compiled one-token step ask for it (backend="compiled"); elsewhere the step stays eager, so
 # no test pays a compile it does not test, and tune's and eval's tests time the same step on every machine.
 os.environ.setdefault("SELFSPEC_DECODE_STEP", "eager")
+# The suite's tune runs record schedules like any tune; kept apart from the machine's own records, a test never runs
+# another test's tuned schedule where it asked for the default (and a developer's own tune is never overwritten).
+os.environ["SELFSPEC_SCHEDULES"] = tempfile.mkdtemp(prefix="selfspec-test-schedules-")
+atexit.register(shutil.rmtree, os.environ["SELFSPEC_SCHEDULES"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

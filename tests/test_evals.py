@@ -62,7 +62,7 @@ def _eval(*args: str):
 def finished(model_loads, prompt_file, tmp_path_factory) -> tuple[Path, object]:
     out = tmp_path_factory.mktemp("eval")
     args = ["smollm2-135m", "--prompts", str(prompt_file), "--categories", "writing,coding", *TINY, "--out", str(out)]
-    return out, _eval(*args)
+    return out, _eval(*args, "--schedule", "early-exit")
 
 
 # --- prompts ----------------------------------------------------------------------------------
@@ -151,7 +151,8 @@ def test_run_writes_table_json_and_plot(finished):
     assert {"torch", "transformers", "selfspec", "device", "torch_threads", "dtype"} <= set(report["environment"])
     assert report["environment"]["dtype"] == "float32"
     assert report["schedule"]["format"] == FORMAT and report["environment"]["cpu_flags"]
-    # the default schedule drafts with layers: their live alpha, c and bound are reported against the plain loop
+    assert report["schedule_source"] == "named 'early-exit'" and "named 'early-exit'" in result.output
+    # the early-exit recipe drafts with layers: their live alpha, c and bound are reported against the plain loop
     drafted = report["summary"]["all"]["selfspec"]
     assert 0 <= drafted["layer_alpha"] <= 1 and drafted["layer_c"] > 0
     gamma = report["schedule"]["max_draft"]

@@ -217,6 +217,10 @@ def test_tune_writes_a_schedule_that_runs_and_resumes(smollm2_fp32, tmp_path, on
     ids = encode_prompt(tokenizer, SHORT[0].text)
     fast = selfspec.wrap(model, schedule)
     assert fast.generate(ids, max_new_tokens=8, do_sample=False).shape == (1, ids.shape[1] + 8)
+    # recorded for this model, dtype and machine: wrap given no schedule runs it
+    assert "recorded for this model, dtype and machine" in result.output
+    default = selfspec.wrap(model)
+    assert default.schedule == schedule and "recorded by `selfspec tune smollm2-135m`" in default.schedule_source
 
     storage = f"sqlite:///{out.with_suffix('.db')}"
     resumed = CliRunner().invoke(tune_command, [*common, "--trials", "2", "--finalists", "0"])

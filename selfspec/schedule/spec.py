@@ -1,4 +1,4 @@
-"""The draft schedule: which sublayers the draft skips, where it may exit, and how far a round may guess.
+"""The draft schedule's fields: which sublayers the draft skips, where it may exit, and how far a round may guess.
 
 A schedule is plain data, stored as versioned JSON (never pickle) and validated against the model it runs on.
 """
@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ScheduleError
-from .files import write_json_atomic
+from ..errors import ScheduleError
+from ..files import write_json_atomic
 
 FORMAT = "selfspec.schedule/2"
 READABLE_FORMATS = ("selfspec.schedule/1", FORMAT)  # /1 had no low-bit forms and no cheap head: all exact
