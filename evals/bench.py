@@ -18,13 +18,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch.profiler import ProfilerActivity, profile
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import selfspec
 from selfspec import Schedule, SelfspecError
 from selfspec.cli_options import ScheduleChoice, schedule_for, schedule_option, table_console
 from selfspec.compiled import decode_step, step_line
-from selfspec.cpu import cpu_flags, kernel_setting
+from selfspec.cpu import cpu_flags, cpu_name, kernel_setting
 from selfspec.files import ensure_writable
 from selfspec.fused import FusedAdapter, engine_adapter
 from selfspec.loop import DRAFT, VERIFY
@@ -34,8 +34,9 @@ from selfspec.schedule import describe
 from selfspec.wrap import step_mode
 from selfspec.zoo import load_model, parse_dtype
 
+from . import passes
 from .command import progress_console, prompts_from, run_with_progress, timed_run_options
-from .floor import floor_seconds_per_token, read_bandwidth, step_weight_bytes
+from .floor import draft_weight_bytes, floor_seconds_per_token, read_bandwidth, step_weight_bytes
 from .prompts import encode
 from .report import layer_draft_figures, total_stats
 from .runner import REFERENCE, Method, PromptRun, Settings
@@ -189,6 +190,37 @@ def print_profile(name: str, by_phase: dict[str, dict[str, float]], calls: dict[
         console.print(table)
 
 
+def _print_kernel_lines(model: PreTrainedModel, console: Console) -> None:
+    """The few-row kernel's timing against oneDNN, and the CPU, its kernels and the thread count."""
+    adapter = engine_adapter(model)
+    if isinstance(adapter, FusedAdapter) and adapter.few_rows_line:
+        console.print(adapter.few_rows_line, soft_wrap=True)
+    console.print(f"cpu: {cpu_name()}; {kernel_setting()}; {torch.get_num_threads()} threads, {model.dtype}")
+
+
+def bench_passes(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    schedule: Schedule | None,
+    prompts: list,
+    bandwidth: float,
+) -> tuple[Table, dict]:
+    """--passes: every verify width's full-depth pass, and the layer draft's step where the schedule has one."""
+    if not isinstance(engine_adapter(model), FusedAdapter):
+        raise SelfspecError("--passes times the fused forward (llama, mistral, qwen2); this model runs the reference")
+    peak = passes.peak_flops(model.dtype)
+    costs = passes.pass_costs(model, bandwidth, peak, compiled=step_mode("auto") != "eager")
+    fast = selfspec.wrap(model, schedule)
+    draft_ms = draft_floor = None
+    if fast.schedule.max_draft > 0:
+        input_ids = encode(tokenizer, prompts[0].text).to(model.device)
+        draft_ms = passes.draft_step(fast, input_ids, PROFILED_TOKENS)
+        draft_floor = 1e3 * draft_weight_bytes(model, fast.schedule) / bandwidth
+    return passes.passes_table(costs, draft_ms, draft_floor), passes.passes_json(
+        costs, draft_ms, model, fast, bandwidth, peak
+    )
+
+
 @click.command("bench")
 @click.argument("model")
 @schedule_option("Also time speculation with this schedule, where it drafts.")
@@ -198,6 +230,13 @@ def print_profile(name: str, by_phase: dict[str, dict[str, float]], calls: dict[
     "with_profile",
     is_flag=True,
     help="Also profile one generation per engine method: time per op in draft steps and verify passes.",
+)
+@click.option(
+    "--passes",
+    "with_passes",
+    is_flag=True,
+    help="Instead: a full-depth pass at each verify width and the schedule's layer-draft step, against the "
+    "one-token step and the floor.",
 )
 @click.option(
     "--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the figures as JSON."
@@ -213,6 +252,7 @@ def bench_command(
     categories: str | None,
     limit: int | None,
     with_profile: bool,
+    with_passes: bool,
     out_path: Path | None,
     trust_remote_code: bool,
 ) -> None:
@@ -229,9 +269,20 @@ def bench_command(
         lm, tokenizer = load_model(model, dtype, trust_remote_code=trust_remote_code)
         progress.stage("measuring read bandwidth")
         bandwidth = read_bandwidth()
-        methods, schedule = bench_methods(lm, schedule_for(schedule_choice, lm))
-        settings = Settings(max_new_tokens, repeats)
-        runs, interrupted = run_with_progress(methods, tokenizer, prompts, settings, lm.device, progress)
+        if with_passes:
+            progress.stage("timing full-depth passes by width")
+            table, figures = bench_passes(lm, tokenizer, schedule_for(schedule_choice, lm), prompts, bandwidth)
+        else:
+            methods, schedule = bench_methods(lm, schedule_for(schedule_choice, lm))
+            settings = Settings(max_new_tokens, repeats)
+            runs, interrupted = run_with_progress(methods, tokenizer, prompts, settings, lm.device, progress)
+    if with_passes:
+        console.print(table)
+        _print_kernel_lines(lm, console)
+        if out_path is not None:
+            out_path.write_text(json.dumps(figures, indent=2) + "\n")
+            console.print(f"wrote {out_path}")
+        return
     if not runs:
         raise SelfspecError("interrupted before the first prompt finished: nothing to report")
     floor_ms = 1000 * floor_seconds_per_token(lm, bandwidth)
@@ -243,10 +294,8 @@ def bench_command(
     print_draft(draft, gamma, plain_loop, console)
     if isinstance(engine_adapter(lm), FusedAdapter):
         console.print(step_line(engine_adapter(lm)), soft_wrap=True)
-        if engine_adapter(lm).few_rows_line:
-            console.print(engine_adapter(lm).few_rows_line, soft_wrap=True)
     print_kernels(lm, schedule, console)
-    console.print(f"cpu: {kernel_setting()}; {torch.get_num_threads()} threads, {dtype}")
+    _print_kernel_lines(lm, console)
     if with_profile:
         input_ids = encode(tokenizer, prompts[0].text).to(lm.device)
         tokens = min(PROFILED_TOKENS, max_new_tokens)

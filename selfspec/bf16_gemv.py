@@ -19,7 +19,7 @@ from .timing import best_pass_seconds
 
 # Set to 0 to keep the fused forward on oneDNN's kernels or F.linear at every width.
 ENABLED_ENV = "SELFSPEC_FEW_ROW_KERNEL"
-TIMED_ROWS = (1, 2, 4)  # a decode step, the narrowest verify passes; wider ones are AMX's or oneDNN's
+TIMED_ROWS = (1, 2, 4, 8, 16)  # a decode step and the verify passes, up to the widest bucket
 
 
 def wanted() -> bool:
@@ -61,16 +61,16 @@ class Gemv:
 
 def rows_it_wins(products: list[tuple[Callable, Callable, int]]) -> tuple[int, dict[int, tuple[float, float]]]:
     """Up to how many input rows the kernel beats the other one over `products` (ours, theirs, K), each pass over
-    all of them in a row as a decode step streams them; and per row count (ours, theirs) seconds, best of a few."""
+    all of them in a row as a decode step streams them, timed from one row up until it loses; and per row count
+    timed (ours, theirs) seconds, best of a few."""
     times = {}
+    wins = 0
     for rows in TIMED_ROWS:
         inputs = {k: torch.randn(1, rows, k, dtype=torch.bfloat16) for _, _, k in products}
         ours = best_pass_seconds([(run, inputs[k]) for run, _, k in products])
         theirs = best_pass_seconds([(run, inputs[k]) for _, run, k in products])
         times[rows] = ours, theirs
-    wins = 0
-    for rows in TIMED_ROWS:
-        if times[rows][0] >= times[rows][1]:
+        if ours >= theirs:
             break
         wins = rows
     return wins, times

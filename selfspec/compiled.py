@@ -320,14 +320,17 @@ def sampled_records(path: Path, timing: dict[int, tuple[str, Callable[[], StepRe
 
 
 @torch.inference_mode()
-def measure(adapter: FusedAdapter, width: int = 1) -> StepRecord:
+def measure(adapter: FusedAdapter, width: int = 1, compiled: bool = True) -> StepRecord:
     """Time the compiled pass of `width` (a bucket) against the eager one on a scratch cache; the graph timed is
-    the adapter's own, the one decoding will run."""
+    the adapter's own, the one decoding will run. compiled False: the eager pass alone, nothing compiled."""
     cache = scratch_cache(adapter, TIMED_KEYS + TIMED_STEPS + width)
-    step = compiled_step(adapter)
-    eager, graph = Runner(adapter, cache), Runner(adapter, cache, CompiledPasses(step))
     ids = torch.zeros(1, width, dtype=torch.long, device=adapter.lm_head.weight.device)
     h = adapter.embed(ids)  # [1, width, D]
+    eager = Runner(adapter, cache)
+    if not compiled:
+        return StepRecord(_best_ms({"eager": lambda p: eager.verify(h, p, 0)})["eager"], None, 0.0)
+    step = compiled_step(adapter)
+    graph = Runner(adapter, cache, CompiledPasses(step))
     graph.verify(h, TIMED_KEYS, 0)  # compiles, or loads the compile from inductor's cache
     ms = _best_ms({"eager": lambda p: eager.verify(h, p, 0), "compiled": lambda p: graph.verify(h, p, 0)})
     return StepRecord(ms["eager"], ms["compiled"], step.compile_seconds[width])

@@ -1,11 +1,18 @@
 """Output files: checked writable before long work starts, and written atomically so a crash or a full disk
 never leaves half a file where a good one was."""
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: builds are then not serialised between processes
+    fcntl = None  # type: ignore[assignment]
 
 from .errors import SelfspecError
 
@@ -38,3 +45,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing) while the block runs. The system releases it when its
+    process dies, so a killed holder never leaves it taken."""
+    with path.open("a") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .cpu import cpu_flags
+from .files import exclusive_lock
 from .paths import cache_root
 from .zoo import first_line
 
@@ -20,24 +21,33 @@ def built(name: str) -> str:
     """Build (once per source, CPU and torch; once a process) and load csrc/<name>.cpp: '' or what went wrong."""
     from torch.utils import cpp_extension  # imports setuptools: only when a kernel is wanted
 
-    source = SOURCES / f"{name}.cpp"
-    lowered = _lowered_isa()
-    setting = f"{source.read_text()}|{cpu_flags()}|{torch.__version__}" + "".join(f"|{flag}" for flag in lowered)
-    key = hashlib.sha256(setting.encode()).hexdigest()[:12]
-    build = cache_root() / "kernels" / f"{name}-{key}"
+    source, lowered, build = SOURCES / f"{name}.cpp", _lowered_isa(), build_directory(name)
     try:
         build.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(
-            f"selfspec_{name}_{key}",
-            [str(source)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp", *lowered],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build),
-            is_python_module=False,
-        )
+        # torch's own baton is a file that a process killed while holding it never removes, and every later process
+        # then waits on it for good; under our lock, which the system releases with a dead process, a baton left
+        # there is such a leftover.
+        with exclusive_lock(build.with_name(f"{build.name}.lock")):
+            (build / "lock").unlink(missing_ok=True)
+            cpp_extension.load(
+                f"selfspec_{build.name.replace('-', '_')}",
+                [str(source)],
+                extra_cflags=["-O3", "-march=native", "-fopenmp", *lowered],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build),
+                is_python_module=False,
+            )
     except (OSError, RuntimeError) as error:  # no compiler or ninja here: the other kernels still run
         return first_line(error)
     return ""
+
+
+def build_directory(name: str) -> Path:
+    """Where csrc/<name>.cpp is built for this source, CPU, torch and lowered instruction sets."""
+    lowered = _lowered_isa()
+    source = (SOURCES / f"{name}.cpp").read_text()
+    setting = f"{source}|{cpu_flags()}|{torch.__version__}" + "".join(f"|{flag}" for flag in lowered)
+    return cache_root() / "kernels" / f"{name}-{hashlib.sha256(setting.encode()).hexdigest()[:12]}"
 
 
 def _lowered_isa() -> list[str]:

@@ -41,12 +41,8 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from selfspec.errors import DownloadError, ModelNotFoundError, SelfspecError, UnsupportedModelError
+from selfspec.files import exclusive_lock
 from selfspec.paths import cache_root
-
-try:
-    import fcntl
-except ImportError:  # Windows: builds are then not serialised between processes
-    fcntl = None  # type: ignore[assignment]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -253,14 +249,6 @@ def verify_cache(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    with path.open("a") as f:
-        if fcntl is not None:
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
-@contextlib.contextmanager
 def _hf_quiet() -> Iterator[None]:
     # transformers' tqdm bars would fight with our rich status line and clutter CLI output
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
@@ -449,7 +437,7 @@ def ensure_cached(entry: ZooEntry) -> Path:
         return dest
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with _lock(dest.parent / f".{entry.name}.lock"):
+        with exclusive_lock(dest.parent / f".{entry.name}.lock"):
             if not _entry_ok(dest):  # another process may have built it while we waited
                 _build(entry, dest)
     except OSError as e:  # read-only or full: the partial build is already cleaned up

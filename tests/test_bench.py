@@ -63,6 +63,21 @@ def test_bench_times_every_loop_and_profiles_draft_and_verify(model_loads, tmp_p
     assert "aten::" in result.output
 
 
+def test_bench_passes_prices_every_verify_width_against_the_step(model_loads, tmp_path):
+    out = tmp_path / "passes.json"
+    args = ["smollm2-135m", "--passes", "--schedule", "early-exit", "--limit", "1", "--categories", "essay"]
+    args += ["--dtype", "float32", "--threads", "1", "--out", str(out)]
+    result = CliRunner().invoke(bench_command, args)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())
+    assert list(figures["passes"]) == ["1", "2", "4", "6", "8", "12", "16"]
+    assert all(ms > 0 for ms in figures["passes"].values()) and figures["step_ms"] == figures["passes"]["1"]
+    assert 0 < figures["draft_ms"] and 0 < figures["draft_bytes"] < figures["step_bytes"]  # exits at layer 22 of 30
+    assert figures["read_bandwidth_gbs"] > 0 and figures["peak_gflops"] > 0
+    assert all(d["kernel"] == "F.linear" for d in figures["details"])  # float32
+    assert "width 16" in result.output and "layer draft step" in result.output and "cpu: " in result.output
+
+
 def test_bench_refuses_bad_arguments_before_loading(tmp_path):
     result = CliRunner().invoke(bench_command, ["smollm2-135m", "--dtype", "float64"])
     assert result.exit_code != 0 and "dtype" in str(result.exception or result.output)

@@ -96,7 +96,10 @@ Matrix registered(int64_t handle) {
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 constexpr const char* kIsa = "avx512_bf16";
-constexpr int64_t kMaxInputs = 4;  // input rows a pass over a block serves
+// Input rows a pass over a block serves: two chains of sums a row in 32 registers leave room for the weights. A
+// wider input runs in passes of 8 over the block while it is still in cache, so at batch 1 the weights stream once
+// whatever the width, and each row's sums run in the same order whatever the width (row-invariant).
+constexpr int64_t kMaxInputs = 8;
 using Input = uint16_t;            // the input rows as they come, bfloat16
 
 // One block's 16 outputs for `count` input rows (x: [count, K]), into out [count, 16] (float32).
@@ -131,7 +134,11 @@ void rows_product(const uint16_t* w, const Input* x, int64_t count, int64_t k, f
     case 1: return block_product<1>(w, x, k, out);
     case 2: return block_product<2>(w, x, k, out);
     case 3: return block_product<3>(w, x, k, out);
-    default: return block_product<4>(w, x, k, out);
+    case 4: return block_product<4>(w, x, k, out);
+    case 5: return block_product<5>(w, x, k, out);
+    case 6: return block_product<6>(w, x, k, out);
+    case 7: return block_product<7>(w, x, k, out);
+    default: return block_product<8>(w, x, k, out);
   }
 }
 

@@ -21,8 +21,8 @@ def builtin_default(num_layers: int) -> Schedule:
     one step; a round takes a copy only while copies have lately emitted tokens at least as fast as plain steps
     (`drafting.SourceChooser`), so text that never repeats runs at the plain loop's speed. Measured against the plain
     loop (README, "Without a schedule"), it was at least even on every zoo model and CPU tried; a layer draft is
-    not: a fixed one agrees too seldom on small models, and low-bit drafts pay or not by CPU. Widths of 5 and more
-    leave the few-row kernel and cost up to twice a step on CPUs without AMX.
+    not: a fixed one agrees too seldom on small models, and low-bit drafts pay or not by CPU. Wider copies cost
+    more a pass (a width-8 pass, 1.2 to 1.8 steps by CPU and kernel) and measured no better.
     """
     return Schedule(max_draft=0, context_ngram=3, context_min_ngram=2, context_max_draft=3)
 
