@@ -14,7 +14,7 @@ means no layer draft at all, so plain steps and context-only drafting are in the
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from selfspec.schedule import Schedule
-from selfspec.schedule.presets import early_exit
+from selfspec.schedule.presets import builtin_default, early_exit
 
 VERSION = 3  # studies made over another space are not resumed with this one
 MAX_WIDTH = 8  # widths past this need near-perfect agreement to pay
@@ -127,7 +127,8 @@ def seeds(num_layers: int, schemes: tuple[str, ...] = (), head_vocabs: tuple[int
     self-draft), alone and beside context copies, and the whole model over low-bit weights drafting wide with no
     floor (where it agrees almost always); a few attention sublayers skipped in the late-middle
     layers, or an exit a little before the top, with a high confidence floor and a small width; context
-    copies alone, and beside a layer draft; plus the fixed early-exit recipe.
+    copies alone, and beside a layer draft; plus the fixed early-exit recipe. The built-in default comes first:
+    tune times it beside its finalists (`tune.contenders`), so what it records never loses to what runs without it.
     """
     late = tuple(round(num_layers * f) for f in (0.6, 0.7, 0.8))
     copies = {"context_ngram": 3, "context_min_ngram": 1, "context_max_draft": 8}
@@ -142,7 +143,8 @@ def seeds(num_layers: int, schemes: tuple[str, ...] = (), head_vocabs: tuple[int
     # near-perfect agreement: a wide round that fills the 8-token verify bucket, no floor
     lowbit += [whole(s, max_draft=7, anneal=1.0) for s in schemes]
     return (
-        lowbit
+        [builtin_default(num_layers)]
+        + lowbit
         + [
             Schedule(max_draft=0, anneal=1.0, confidence=0.9, **copies),  # no layer draft: its settings are inert
             Schedule(skip_attn=late, max_draft=2, anneal=1.0, confidence=0.9, **copies),

@@ -28,6 +28,7 @@ from selfspec.fused import engine_adapter
 from selfspec.loop import GenerationStats
 from selfspec.lowbit import draft_weights
 from selfspec.schedule import Schedule, record
+from selfspec.schedule.presets import builtin_default
 from selfspec.wrap import wrap
 
 from . import space
@@ -367,6 +368,16 @@ def pick_finalists(study: optuna.Study, count: int) -> list[optuna.trial.FrozenT
     return picked[:count]
 
 
+def contenders(study: optuna.Study, count: int, num_layers: int) -> list[optuna.trial.FrozenTrial]:
+    """The finalists, and the built-in default's trial where it is not among them: what `wrap(model)` runs before
+    any tune, so the schedule tune records must beat it on the same held-out prompts, not just the plain loop."""
+    picked = pick_finalists(study, count)
+    builtin = space.params_for(builtin_default(num_layers), num_layers)
+    if count and all(t.params != builtin for t in picked):
+        picked += [t for t in completed(study) if t.params == builtin][:1]
+    return picked
+
+
 def measure(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -496,7 +507,8 @@ def tune(
     if config.finalists == 0:
         return TuneResult(Schedule.plain(), None, [], None, len(completed(study)), pruned(study))
     finalists = [
-        Measurement(Schedule.from_dict(t.user_attrs["schedule"]), t) for t in pick_finalists(study, config.finalists)
+        Measurement(Schedule.from_dict(t.user_attrs["schedule"]), t)
+        for t in contenders(study, config.finalists, costs.num_layers)
     ]
     runs = [Measurement(Schedule.plain(), None), *finalists]
     measured = measure(model, tokenizer, runs, held_out, config, reporter)
