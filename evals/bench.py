@@ -45,7 +45,9 @@ PROFILED_TOKENS = 32  # the profiler's own bookkeeping grows with the ops it rec
 PROFILE_ROWS = 12
 
 
-def bench_methods(model: PreTrainedModel, schedule: Schedule | None) -> tuple[list[Method], Schedule]:
+def bench_methods(
+    model: PreTrainedModel, schedule: Schedule | None, source: str | None = None
+) -> tuple[list[Method], Schedule]:
     """generate, the plain loop per backend this model has, and speculation where the schedule drafts (None: what
     tune recorded here, else the built-in default); and the schedule."""
     methods = [Method(REFERENCE, model.generate)]
@@ -53,7 +55,7 @@ def bench_methods(model: PreTrainedModel, schedule: Schedule | None) -> tuple[li
     for backend in backends:
         plain = selfspec.wrap(model, Schedule.plain(), backend=backend)
         methods.append(Method(f"plain·{backend}", plain.generate, plain))
-    fast = selfspec.wrap(model, schedule)
+    fast = selfspec.wrap(model, schedule, source=source)
     if fast.schedule.drafting:
         methods.append(Method("speculation", fast.generate, fast))
     return methods, fast.schedule
@@ -202,6 +204,7 @@ def bench_passes(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     schedule: Schedule | None,
+    source: str | None,
     prompts: list,
     bandwidth: float,
 ) -> tuple[Table, dict]:
@@ -210,7 +213,7 @@ def bench_passes(
         raise SelfspecError("--passes times the fused forward (llama, mistral, qwen2); this model runs the reference")
     peak = passes.peak_flops(model.dtype)
     costs = passes.pass_costs(model, bandwidth, peak, compiled=step_mode("auto") != "eager")
-    fast = selfspec.wrap(model, schedule)
+    fast = selfspec.wrap(model, schedule, source=source)
     draft_ms = draft_floor = None
     if fast.schedule.max_draft > 0:
         input_ids = encode(tokenizer, prompts[0].text).to(model.device)
@@ -271,9 +274,9 @@ def bench_command(
         bandwidth = read_bandwidth()
         if with_passes:
             progress.stage("timing full-depth passes by width")
-            table, figures = bench_passes(lm, tokenizer, schedule_for(schedule_choice, lm), prompts, bandwidth)
+            table, figures = bench_passes(lm, tokenizer, *schedule_for(schedule_choice, lm), prompts, bandwidth)
         else:
-            methods, schedule = bench_methods(lm, schedule_for(schedule_choice, lm))
+            methods, schedule = bench_methods(lm, *schedule_for(schedule_choice, lm))
             settings = Settings(max_new_tokens, repeats)
             runs, interrupted = run_with_progress(methods, tokenizer, prompts, settings, lm.device, progress)
     if with_passes:

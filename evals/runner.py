@@ -63,7 +63,9 @@ def check_baselines(names: Sequence[str]) -> None:
         raise SelfspecError(f"unknown baselines {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
 
 
-def build_methods(model: PreTrainedModel, schedule: Schedule | None, baselines: Sequence[str]) -> list[Method]:
+def build_methods(
+    model: PreTrainedModel, schedule: Schedule | None, baselines: Sequence[str], source: str | None = None
+) -> list[Method]:
     """The reference `generate` (always: speed-ups and losslessness are measured against it), the other
     requested baselines, and `selfspec` with `schedule` (None: what tune recorded here, else the built-in default)."""
 
@@ -73,7 +75,7 @@ def build_methods(model: PreTrainedModel, schedule: Schedule | None, baselines: 
         return model.generate(input_ids, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS, **kwargs)
 
     plain = selfspec.wrap(model, Schedule.plain())
-    fast = selfspec.wrap(model, schedule)
+    fast = selfspec.wrap(model, schedule, source=source)
     available = {
         "generate": Method("generate", model.generate),
         "plain": Method("plain", plain.generate, plain),

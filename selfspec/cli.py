@@ -101,15 +101,15 @@ def _encode(tokenizer: PreTrainedTokenizerBase, prompt: str) -> torch.Tensor:
 
 def _generate(
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     streamer: TextStreamer | None,
     schedule: Schedule | None,
+    source: str | None,
 ) -> torch.Tensor:
     """Greedy generation through the engine; returns prompt + new tokens [1, T + N]. Schedule None: what
     `selfspec tune` recorded for this model and machine, else the built-in default (wrap says which)."""
-    return wrap(model, schedule).generate(
+    return wrap(model, schedule, source=source).generate(
         input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=max_new_tokens,
@@ -147,11 +147,11 @@ def generate(
     if threads is not None:
         torch.set_num_threads(threads)
     lm, tokenizer = load_model(model, dtype, trust_remote_code=trust_remote_code)
-    schedule = schedule_for(schedule_choice, lm)
+    schedule, source = schedule_for(schedule_choice, lm)
     input_ids = _encode(tokenizer, prompt)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     with torch.inference_mode():
-        output = _generate(lm, tokenizer, input_ids, max_new_tokens, streamer, schedule)
+        output = _generate(lm, input_ids, max_new_tokens, streamer, schedule, source)
     if not stream:  # the streamer has already printed everything, newline included
         click.echo(tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip())
 

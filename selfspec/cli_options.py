@@ -1,6 +1,5 @@
 """What the commands share: options of every command that loads a model, and the console tables print to."""
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,7 +8,7 @@ from rich.console import Console
 from transformers import PreTrainedModel
 
 from .errors import ScheduleError
-from .schedule import NAMED, Schedule, describe
+from .schedule import NAMED, Schedule
 
 trust_remote_code_option = click.option(
     "--trust-remote-code",
@@ -31,10 +30,7 @@ class ScheduleChoice:
         return f"named {self.name!r}" if self.name else f"from {self.path}"
 
     def for_model(self, model: PreTrainedModel) -> Schedule:
-        """The schedule, said on stderr with where it came from (wrap says so where it chose one itself)."""
-        schedule = NAMED[self.name](model.config.num_hidden_layers) if self.name else self.schedule
-        print(f"selfspec: schedule {describe(schedule)}: {self.source}", file=sys.stderr)
-        return schedule
+        return NAMED[self.name](model.config.num_hidden_layers) if self.name else self.schedule
 
 
 class ScheduleParam(click.ParamType):
@@ -62,9 +58,10 @@ def schedule_option(help_text: str):  # noqa: ANN201 - a click decorator
     )
 
 
-def schedule_for(choice: ScheduleChoice | None, model: PreTrainedModel) -> Schedule | None:
-    """The schedule --schedule asked for; None leaves the choice to wrap (recorded here, else built-in)."""
-    return None if choice is None else choice.for_model(model)
+def schedule_for(choice: ScheduleChoice | None, model: PreTrainedModel) -> tuple[Schedule | None, str | None]:
+    """The schedule --schedule asked for and where it came from, for `wrap(model, schedule, source=...)`, which says
+    both on stderr; (None, None) leaves the choice to wrap (recorded here, else built-in)."""
+    return (None, None) if choice is None else (choice.for_model(model), choice.source)
 
 
 def table_console() -> Console:

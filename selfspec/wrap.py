@@ -55,20 +55,23 @@ def step_mode(backend: str) -> str:
 class SpeculativeModel:
     """Wraps a causal LM; `generate` drafts with the model's own shallower self and verifies losslessly."""
 
-    def __init__(self, model: PreTrainedModel, schedule: Schedule | None = None, backend: str = "auto"):
+    def __init__(
+        self, model: PreTrainedModel, schedule: Schedule | None = None, backend: str = "auto", source: str | None = None
+    ):
         self._model = model
         self._adapter = engine_adapter(model, backend)
         self._step_mode = step_mode(backend) if isinstance(self._adapter, FusedAdapter) else "eager"
         num_layers = self._adapter.num_layers
-        self.schedule_source = "given to wrap"
         if schedule is None:
             default = default_for(model, num_layers)
-            schedule, self.schedule_source = default.schedule, default.source
-            print(f"selfspec: schedule {describe(schedule)}: {self.schedule_source}", file=sys.stderr)
+            schedule, source = default.schedule, default.source
         self.schedule = schedule.validate_for(num_layers)
         self.schedule.validate_vocab(self._adapter.lm_head.weight.shape[0])
         _check_schedule_target(self.schedule, model)
         prepare_drafts(self._adapter, self.schedule)
+        self.schedule_source = source or "given to wrap"
+        if source is not None:  # said once it is known to run: a refused schedule is the error's one line alone
+            print(f"selfspec: schedule {describe(self.schedule)}: {source}", file=sys.stderr)
         self.last_stats: GenerationStats | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -171,18 +174,21 @@ def _check_schedule_target(schedule: Schedule, model: PreTrainedModel) -> None:
             warnings.warn(f"schedule was tuned for {key} {wanted}, running on {actual}: speed may differ", stacklevel=3)
 
 
-def wrap(model: PreTrainedModel, schedule: Schedule | None = None, backend: str = "auto") -> SpeculativeModel:
+def wrap(
+    model: PreTrainedModel, schedule: Schedule | None = None, backend: str = "auto", source: str | None = None
+) -> SpeculativeModel:
     """Wrap `model` for self-speculative generation.
 
     schedule None: what `selfspec tune` recorded for this model, dtype and machine, else the built-in default
-    (`selfspec.schedule.default`); stderr says which, and `.schedule_source` keeps it.
+    (`selfspec.schedule.default`); stderr says which, and `.schedule_source` keeps it. source: where a given
+    schedule came from (a file, a name), said on stderr the same way; a schedule given without one is not announced.
 
     backend: "fused" runs derived fused copies of the weights (`selfspec.fused`), "reference" the model's own
     modules; "auto" takes fused where the architecture allows it. The fused forward's one-token step is compiled
     where that measured faster on this machine (`selfspec.compiled`); "eager" never compiles it, "compiled"
     always does.
     """
-    return SpeculativeModel(model, schedule, backend)
+    return SpeculativeModel(model, schedule, backend, source)
 
 
 def unwrap(model: Any) -> PreTrainedModel:
