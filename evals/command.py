@@ -163,8 +163,8 @@ def eval_command(
     with progress_for(progress_console(), "eval", transient=True) as progress:
         progress.stage(f"loading {model} ({dtype})")
         lm, tokenizer = load_model(model, dtype, trust_remote_code=trust_remote_code)
-        schedule, source = schedule_for(schedule_choice, lm)
-        methods = build_methods(lm, schedule, chosen, source)
+        schedule, schedule_source = schedule_for(schedule_choice, lm)
+        methods = build_methods(lm, schedule, chosen, schedule_source)
         settings = Settings(max_new_tokens, repeats, sample, 0 if seed is None else seed)
         source = str(prompts_path) if prompts_path else "built-in long-form"
         categories_run = list(dict.fromkeys(p.category for p in prompts))

@@ -93,9 +93,7 @@ class TuneResult:
     chosen: Measurement | None  # None: drafting off (nothing beat plain, or nothing was measured)
     trials: int  # finished trials in the study
     pruned: int  # trials of the study pruned on their early figure
-    recorded: Path | None = (
-        None  # where the schedule was kept for this model and machine (`selfspec.schedule.recorded`)
-    )
+    recorded: Path | None = None  # where it was kept for this model and machine (`selfspec.schedule.recorded`)
 
 
 class Reporter:

@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 from selfspec.cli_options import ScheduleChoice, schedule_for, schedule_option, trust_remote_code_option
 from selfspec.errors import SelfspecError
 from selfspec.schedule import Schedule, describe, recorded_here
+from selfspec.schedule.recorded import Recorded
 from selfspec.wrap import wrap
 from selfspec.zoo import list_models, load_model, parse_dtype
 
@@ -68,7 +69,7 @@ def models(verify: bool) -> None:
     for info in list_models(verify=verify):
         name = f"{info.name}\n[dim]{info.note}[/dim]" if info.note else info.name
         cached = "[green]yes[/green]" if info.cached else "no"
-        tuned = ", ".join(sorted({key["dtype"] for key, r in recorded if r.model == info.name})) or "-"
+        tuned = ", ".join(sorted({r.key["dtype"] for r in recorded if r.model == info.name})) or "-"
         table.add_row(name, info.source, str(info.layers), cached, _human(info.size_bytes), tuned, str(info.path))
     console = Console()
     console.print(table)
@@ -76,15 +77,17 @@ def models(verify: bool) -> None:
         console.print(_recorded_table(recorded))
 
 
-def _recorded_table(recorded: list) -> Table:
+def _recorded_table(recorded: list[Recorded]) -> Table:
     """The schedules tune recorded on this CPU, which wrap and the commands run when given no --schedule."""
     table = Table(title="schedules `selfspec tune` recorded on this machine (used when no --schedule is given)")
     for column in ("model", "dtype", "threads", "schedule", "× plain", "recorded", "file"):
         table.add_column(column, overflow="fold")
-    for key, r in recorded:
+    for r in recorded:
         speedup = r.schedule.meta.get("speedup")
         times = f"{speedup:.3f}" if isinstance(speedup, (int, float)) else "-"
-        table.add_row(r.model, key["dtype"], str(key["threads"]), describe(r.schedule), times, r.recorded, str(r.path))
+        table.add_row(
+            r.model, r.key["dtype"], str(r.key["threads"]), describe(r.schedule), times, r.recorded, str(r.path)
+        )
     return table
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 try:
     import fcntl
-except ImportError:  # Windows: builds are then not serialised between processes
+except ImportError:  # Windows: `exclusive_lock` then serialises nothing between processes
     fcntl = None  # type: ignore[assignment]
 
 from .errors import SelfspecError

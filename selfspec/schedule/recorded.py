@@ -35,6 +35,7 @@ class Recorded:
     path: Path
     model: str  # as tune was asked for it
     recorded: str  # when, UTC
+    key: dict[str, Any]  # `key_of` the model and machine it was recorded for
 
 
 def store() -> Path:
@@ -85,19 +86,19 @@ def _read(path: Path, key: dict[str, Any] | None = None) -> Recorded:
         raise ValueError(f"not a {RECORD_FORMAT} record")
     if key is not None and data["key"] != key:
         raise ValueError("its key is not this model's and machine's")
-    return Recorded(Schedule.from_dict(data["schedule"]), path, str(data["model"]), str(data["recorded"]))
+    schedule = Schedule.from_dict(data["schedule"])
+    return Recorded(schedule, path, str(data["model"]), str(data["recorded"]), dict(data["key"]))
 
 
-def recorded_here() -> list[tuple[dict[str, Any], Recorded]]:
-    """Every readable record made on this CPU with these kernels and torch (any thread count), with its key."""
+def recorded_here() -> list[Recorded]:
+    """Every readable record made on this CPU with these kernels and torch (any thread count)."""
     here = machine_key()
     found = []
     for path in sorted(store().glob("*.json")):
         try:
-            data = json.loads(path.read_text())
-            key = data["key"]
-            if all(key.get(k) == here[k] for k in ("cpu", "kernels", "torch")):
-                found.append((key, _read(path)))
-        except (OSError, ValueError, TypeError, KeyError, AttributeError, ScheduleError):
+            record = _read(path)
+        except (OSError, ValueError, TypeError, KeyError, ScheduleError):
             continue  # `selfspec models` lists what is usable; lookup warns about a damaged record when it meets it
+        if all(record.key.get(k) == here[k] for k in ("cpu", "kernels", "torch")):
+            found.append(record)
     return found
