@@ -23,12 +23,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 import selfspec
 from selfspec import Schedule, SelfspecError
 from selfspec.cli_options import ScheduleChoice, schedule_for, schedule_option, table_console
-from selfspec.compiled import decode_step, step_line
 from selfspec.cpu import cpu_flags, cpu_name, kernel_setting
+from selfspec.decode.loop import DRAFT, VERIFY
+from selfspec.drafts.lowbit import draft_weights, kernels_line
+from selfspec.engine.compiled import decode_step, step_line
+from selfspec.engine.fused import FusedAdapter, engine_adapter, path_line
 from selfspec.files import ensure_writable
-from selfspec.fused import FusedAdapter, engine_adapter
-from selfspec.loop import DRAFT, VERIFY
-from selfspec.lowbit import draft_weights, kernels_line
 from selfspec.progress import progress_for
 from selfspec.schedule import describe
 from selfspec.wrap import step_mode
@@ -193,8 +193,9 @@ def print_profile(name: str, by_phase: dict[str, dict[str, float]], calls: dict[
 
 
 def _print_kernel_lines(model: PreTrainedModel, console: Console) -> None:
-    """The few-row kernel's timing against oneDNN, and the CPU, its kernels and the thread count."""
+    """Which forward ran, the few-row kernel's timing against oneDNN, and the CPU, its kernels and the thread count."""
     adapter = engine_adapter(model)
+    console.print(path_line(adapter), soft_wrap=True)
     if isinstance(adapter, FusedAdapter) and adapter.few_rows_line:
         console.print(adapter.few_rows_line, soft_wrap=True)
     console.print(f"cpu: {cpu_name()}; {kernel_setting()}; {torch.get_num_threads()} threads, {model.dtype}")
@@ -210,7 +211,7 @@ def bench_passes(
 ) -> tuple[Table, dict]:
     """--passes: every verify width's full-depth pass, and the layer draft's step where the schedule has one."""
     if not isinstance(engine_adapter(model), FusedAdapter):
-        raise SelfspecError("--passes times the fused forward (llama, mistral, qwen2); this model runs the reference")
+        raise SelfspecError(f"--passes times the fused forward; {path_line(engine_adapter(model))}")
     peak = passes.peak_flops(model.dtype)
     costs = passes.pass_costs(model, bandwidth, peak, compiled=step_mode("auto") != "eager")
     fast = selfspec.wrap(model, schedule, source=source)
@@ -314,7 +315,7 @@ def bench_command(
     if out_path is not None:
         figures = {
             "model": model, "dtype": dtype, "threads": torch.get_num_threads(), "cpu_flags": cpu_flags(), "kernels": kernel_setting(),
-            "few_row_kernel": getattr(engine_adapter(lm), "few_rows_line", ""), "prompts": len(runs), "schedule": describe(schedule), "layer_draft": draft,
+            "engine": path_line(engine_adapter(lm)), "few_row_kernel": getattr(engine_adapter(lm), "few_rows_line", ""), "prompts": len(runs), "schedule": describe(schedule), "layer_draft": draft,
             "max_new_tokens": max_new_tokens, "read_bandwidth_gbs": bandwidth / 1e9, "floor_ms_per_token": floor_ms,
             "methods": [{**asdict(r), "ms_per_token": r.ms_per_token, "tokens_per_second": r.tokens_per_second}
                         for r in rows],

@@ -10,8 +10,8 @@ import time
 import torch
 from transformers import PreTrainedModel
 
-from selfspec.fused import layer_linears
-from selfspec.lowbit import GROUP_SIZE
+from selfspec.drafts.lowbit import GROUP_SIZE
+from selfspec.engine.fused import layer_linears
 from selfspec.schedule import Schedule
 
 BANDWIDTH_BYTES = 1 << 30  # large enough to stream from memory, not from any cache level

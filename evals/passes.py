@@ -15,8 +15,8 @@ from rich.table import Table
 from transformers import PreTrainedModel
 
 from selfspec import SpeculativeModel
-from selfspec.compiled import BUCKETS, measure
-from selfspec.fused import FusedAdapter, engine_adapter
+from selfspec.engine.compiled import BUCKETS, measure
+from selfspec.engine.fused import FusedAdapter, engine_adapter
 
 from .floor import draft_weight_bytes, step_weight_bytes
 
@@ -56,7 +56,7 @@ def kernel_for(adapter: FusedAdapter, width: int) -> str:
 
 
 def pass_costs(model: PreTrainedModel, bandwidth: float, peak: float, compiled: bool) -> list[PassCost]:
-    """Every verify bucket's full-depth pass, timed as `selfspec.compiled.measure` times it (256 keys)."""
+    """Every verify bucket's full-depth pass, timed as `selfspec.engine.compiled.measure` times it (256 keys)."""
     adapter = engine_adapter(model)
     weights = step_weight_bytes(model)
     parameters = weights / model.lm_head.weight.element_size()

@@ -25,8 +25,8 @@ from transformers import PreTrainedModel
 import selfspec
 from selfspec import GenerationStats, Schedule, SelfspecError
 from selfspec.cpu import cpu_flags, cpu_name, kernel_setting
+from selfspec.decode.loop import TOTALS
 from selfspec.files import write_json_atomic
-from selfspec.loop import TOTALS
 from selfspec.schedule import describe
 
 from .prompts import ALL

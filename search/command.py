@@ -11,9 +11,9 @@ import torch
 from rich.table import Table
 
 from selfspec.cli_options import table_console, trust_remote_code_option
+from selfspec.drafts.lowbit import kernels_line
 from selfspec.errors import SelfspecError
 from selfspec.files import ensure_writable
-from selfspec.lowbit import kernels_line
 from selfspec.progress import Bars, Lines, progress_for
 from selfspec.schedule import Schedule, describe
 from selfspec.wrap import wrap

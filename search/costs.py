@@ -20,12 +20,12 @@ from functools import cached_property, partial
 import torch
 from transformers import PreTrainedModel
 
-from selfspec.compiled import bucket_for, decode_step, scratch_cache
-from selfspec.draft_head import DraftHead
-from selfspec.drafting import draft_plan
-from selfspec.fused import FusedAdapter, engine_adapter
-from selfspec.lowbit import SCHEMES, draft_weights
-from selfspec.runner import Runner
+from selfspec.drafts import draft_plan
+from selfspec.drafts.head import DraftHead
+from selfspec.drafts.lowbit import SCHEMES, draft_weights
+from selfspec.engine.compiled import bucket_for, decode_step, scratch_cache
+from selfspec.engine.fused import FusedAdapter, engine_adapter
+from selfspec.engine.runner import Runner
 from selfspec.schedule import Schedule
 from selfspec.wrap import step_mode
 
@@ -187,7 +187,7 @@ def measure_costs(
 
     def attention(i: int, weights=None) -> torch.Tensor:
         runner.cache.write_at(span_positions, kv_length + 1)  # the probe before may have moved them
-        return adapter.attention(i, one, span.rope, span.mask, runner.cache, weights)
+        return adapter.attention(i, one, span, runner.cache, weights)
 
     schemes = SCHEMES if fused else ()
     vocab_size = adapter.lm_head.weight.shape[0]

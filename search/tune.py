@@ -22,11 +22,11 @@ import sqlalchemy
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from selfspec.decode.loop import GenerationStats
+from selfspec.drafts.lowbit import draft_weights
+from selfspec.engine.fused import engine_adapter
 from selfspec.errors import SelfspecError
 from selfspec.fingerprint import model_identity
-from selfspec.fused import engine_adapter
-from selfspec.loop import GenerationStats
-from selfspec.lowbit import draft_weights
 from selfspec.schedule import Schedule, record
 from selfspec.schedule.presets import builtin_default
 from selfspec.wrap import wrap

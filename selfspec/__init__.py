@@ -4,6 +4,7 @@ from .paths import use_selfspec_inductor_cache
 
 use_selfspec_inductor_cache()  # before the imports below bring in torch._dynamo, which fixes inductor's default
 
+from .decode.loop import GenerationStats
 from .errors import (
     DownloadError,
     GenerationInputError,
@@ -12,7 +13,6 @@ from .errors import (
     SelfspecError,
     UnsupportedModelError,
 )
-from .loop import GenerationStats
 from .schedule import Schedule
 from .wrap import SpeculativeModel, unwrap, wrap
 from .zoo import list_models, load_model

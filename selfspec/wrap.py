@@ -13,15 +13,15 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedModel, StoppingCriteriaList
 
-from .cache import PositionedCache
-from .compiled import BUCKETS, decode_step
-from .drafting import drafter_for, prepare_drafts
+from .decode.loop import GenerationStats, decode
+from .decode.sampling import Sampler
+from .drafts import drafter_for, prepare_drafts
+from .engine.cache import PositionedCache
+from .engine.compiled import BUCKETS, decode_step
+from .engine.fused import FusedAdapter, engine_adapter
+from .engine.runner import Runner
 from .errors import GenerationInputError, ScheduleError
 from .fingerprint import model_fingerprint
-from .fused import FusedAdapter, engine_adapter
-from .loop import GenerationStats, decode
-from .runner import Runner
-from .sampling import Sampler
 from .schedule import Schedule, default_for, describe
 
 STEP_ENV = "SELFSPEC_DECODE_STEP"

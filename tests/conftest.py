@@ -8,6 +8,7 @@ import tempfile
 import pytest
 import torch
 
+from selfspec.engine import compiled
 from selfspec.zoo import load_model
 
 # CI runners and the dev box have 2 cores; more threads only adds contention. The suite runs in two pytest-xdist
@@ -32,3 +33,16 @@ def smollm2_fp32():
 def qwen05_fp32():
     """(model, tokenizer) for qwen2.5-coder-0.5b in float32."""
     return load_model("qwen2.5-coder-0.5b", "float32")
+
+
+@pytest.fixture(scope="session")
+def gemma3_fp32():
+    """(model, tokenizer) for gemma3-270m in float32."""
+    return load_model("gemma3-270m", "float32")
+
+
+@pytest.fixture
+def eager_drafts(monkeypatch):
+    """Compiled full-depth passes, eager draft layers: a float32 graph per random draft plan would take ~40 s each;
+    the compiled draft layers are tested on every fused family (test_compiled)."""
+    monkeypatch.setattr(compiled.CompiledPasses, "draft_segment", lambda self, plan, first, stop: None)

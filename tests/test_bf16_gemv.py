@@ -10,9 +10,9 @@ import pytest
 import torch
 from test_architectures import tiny
 
-from selfspec import bf16_gemv, native
 from selfspec.cpu import cpu_flags
-from selfspec.fused import FusedLinear, engine_adapter
+from selfspec.engine.fused import FusedLinear, engine_adapter
+from selfspec.kernels import bf16_gemv, native
 
 pytestmark = pytest.mark.skipif(not bf16_gemv.available(), reason="needs AVX-512 bf16 or AVX2, and a compiler")
 

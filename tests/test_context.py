@@ -8,8 +8,8 @@ from test_sampling import SAMPLES, TEMPERATURE, TOP_K, exact_pair_distribution, 
 
 import selfspec
 from selfspec import ScheduleError
-from selfspec.drafting import SOURCE_CONTEXT, STOP_EOS, SourceChooser
-from selfspec.ngram import NgramIndex
+from selfspec.drafts import SOURCE_CONTEXT, STOP_EOS, SourceChooser
+from selfspec.drafts.ngram import NgramIndex
 
 REPEATING = "Repeat this line four times, exactly: the cat sat on the red mat by the door."
 

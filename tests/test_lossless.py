@@ -8,9 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import selfspec
-from selfspec import compiled
-from selfspec.drafting import STOP_EOS
-from selfspec.fused import engine_adapter
+from selfspec.drafts import STOP_EOS
+from selfspec.engine import compiled
+from selfspec.engine.fused import engine_adapter
 
 PROMPTS = {
     "chat": "Write a haiku about the sea.",
@@ -68,13 +68,6 @@ def schedules(draw, num_layers: int) -> selfspec.Schedule:
         head_precision=draw(st.sampled_from(["exact", "exact", "int8", "int4"])),
         head_vocab=draw(st.sampled_from([0, 0, 512, 4096])),  # a cheap head: few rows, plus the prompt's tokens
     )
-
-
-@pytest.fixture
-def eager_drafts(monkeypatch):
-    """Compiled full-depth passes, eager draft layers: a float32 graph per random draft plan would take ~40 s each;
-    the compiled draft layers are tested on every fused family (test_compiled)."""
-    monkeypatch.setattr(compiled.CompiledPasses, "draft_segment", lambda self, plan, first, stop: None)
 
 
 @settings(max_examples=24, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -11,10 +11,10 @@ from test_sampling import SAMPLES, TEMPERATURE, TOP_K, exact_pair_distribution, 
 
 import selfspec
 from selfspec import Schedule, ScheduleError, UnsupportedModelError
-from selfspec.draft_head import DraftHead, subset_rows
-from selfspec.fused import engine_adapter
-from selfspec.lowbit import GROUP_SIZE, KERNELS, _build, cache_path, draft_weights, quantize
-from selfspec.sampling import greedy_index
+from selfspec.decode.sampling import greedy_index
+from selfspec.drafts.head import DraftHead, subset_rows
+from selfspec.drafts.lowbit import GROUP_SIZE, KERNELS, _build, cache_path, draft_weights, quantize
+from selfspec.engine.fused import engine_adapter
 
 EVERY = tuple(range(30))
 
@@ -86,7 +86,7 @@ def test_draft_weights_are_kept_on_disk_and_loaded_back(smollm2_fp32, tmp_path, 
     def no_quantizing(*args):
         raise AssertionError("the cached weights should have been loaded")
 
-    monkeypatch.setattr("selfspec.lowbit.quantize", no_quantizing)
+    monkeypatch.setattr("selfspec.drafts.lowbit.quantize", no_quantizing)
     again = _build(adapter, "int8")
     assert torch.equal(again.head.values, first.head.values) and torch.equal(again.head.scales, first.head.scales)
     assert set(again.kernels) == {"layers", "head"} and all(

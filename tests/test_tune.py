@@ -23,7 +23,7 @@ from test_architectures import tiny
 
 import selfspec
 from selfspec import SelfspecError
-from selfspec.draft_head import subset_rows
+from selfspec.drafts.head import subset_rows
 from selfspec.schedule import FORMAT
 from selfspec.schedule.presets import builtin_default
 
@@ -163,7 +163,7 @@ def test_costs_price_passes_as_decoding_runs_them(tmp_path, monkeypatch):
     eager = measure_costs(model, kv_length=32, max_tokens=3, repeats=2, mode="eager")
     assert eager.full_verify == () and eager.draft_speed == {} and eager.step == eager.verify[0]
     costs = measure_costs(model, kv_length=32, max_tokens=3, repeats=2, mode="compiled")
-    adapter = selfspec.fused.engine_adapter(model)
+    adapter = selfspec.engine.fused.engine_adapter(model)
     # the full-depth passes priced ran through the graphs decoding runs: widths 1-3 in buckets 1, 2 and 4
     assert set(adapter.derived["step"].compile_seconds) == {1, 2, 4}
     assert len(costs.full_verify) == 3 and list(costs.full_verify) == sorted(costs.full_verify)

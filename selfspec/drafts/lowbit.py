@@ -21,12 +21,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import w4a8
-from .cpu import cpu_flags
-from .fused import MATRICES, FusedAdapter, FusedLayer, FusedLinear, layer_linears, stacked
-from .graph_ops import kernel_handle, registered_linear
-from .paths import cache_root
-from .timing import best_pass_seconds
+from ..cpu import cpu_flags
+from ..engine.fused import MATRICES, FusedAdapter, FusedLayer, FusedLinear, layer_linears, stacked
+from ..engine.graph_ops import kernel_handle, registered_linear
+from ..kernels import w4a8
+from ..kernels.timing import best_pass_seconds
+from ..paths import cache_root
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZE = 32

@@ -9,8 +9,9 @@ are never touched: stacked and re-laid-out matrices are copies (a lone matrix su
 re-laid out, is read in place), built once per model, dtype and device (so weights changed in place after that
 are not all seen: wrap the model again, or use `backend="reference"`).
 
-Only families whose layer is exactly llama's (RMSNorm, rotary q/k, SiLU-gated MLP) take this path; others,
-and `backend="reference"`, run the model's own modules through `Adapter`.
+What a layer computes around its products is its family's (`families/`: llama, mistral, qwen2, qwen3, gemma,
+gemma 3); a config the family cannot compute (another activation, soft-capped attention), and `backend="reference"`,
+run the model's own modules through `Adapter`.
 """
 
 import weakref
@@ -21,15 +22,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from . import bf16_gemv
+from ..cpu import packed_bf16
+from ..errors import GenerationInputError, UnsupportedModelError
+from ..fingerprint import model_fingerprint
+from ..kernels import bf16_gemv
 from .adapter import Adapter, adapter_for
-from .cpu import packed_bf16
-from .errors import GenerationInputError, UnsupportedModelError
-from .fingerprint import model_fingerprint
+from .families import Llama
 from .graph_ops import kernel_handle, registered_linear
+from .span import Span
 
-FUSED_FAMILIES = ("llama", "mistral", "qwen2")
-# auto and fused: the fused forward, its one-token step compiled where that measured faster (`selfspec.compiled`);
+# auto and fused: the fused forward, its one-token step compiled where that measured faster (`selfspec.engine.compiled`);
 # eager: the fused forward, never compiled; compiled: always compiled; reference: the model's own modules.
 BACKENDS = ("auto", "fused", "eager", "compiled", "reference")
 
@@ -99,36 +101,6 @@ def _packs(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and packed_bf16()
 
 
-def rms_norm(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    # normalised in float32 and rounded before the weight, as the model's own RMSNorm does
-    unit = F.rms_norm(h.float(), (h.shape[-1],), None, norm.variance_epsilon)
-    return norm.weight * unit.to(h.dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-second, first), dim=-1) * sin
-
-
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float):
-    """SDPA over the cache; q [B, H, T, hd], keys/values [B, H_kv, S, hd] -> [B, H, T, hd].
-
-    Outside a causal prefill, the query heads that share a K/V head are stacked as rows of that head
-    ([B, H_kv, G * T, hd], the mask repeated per head): the same products as `enable_gqa`, which on CPU runs a
-    decode step's attention several times slower (465 vs 73 µs over 1024 keys, smollm2's shapes).
-    """
-    batch, heads, count, dim = q.shape
-    if mask is None and count > 1:
-        return F.scaled_dot_product_attention(q, keys, values, scale=scale, is_causal=True, enable_gqa=True)
-    kv_heads = keys.shape[1]
-    groups = heads // kv_heads
-    rows = q.reshape(batch, kv_heads, groups * count, dim)
-    if mask is not None:  # [1, 1, T, S] -> [1, 1, G * T, S]
-        mask = mask.expand(-1, groups, -1, -1).reshape(mask.shape[0], 1, groups * count, -1)
-    out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=scale)
-    return out.view(batch, heads, count, dim)
-
-
 # A layer's matrices as the fused forward runs them: q/k/v stacked, o, gate/up stacked, down.
 MATRICES = ("qkv", "o", "gate_up", "down")
 
@@ -145,23 +117,26 @@ def layer_linears(layer: nn.Module) -> dict[str, list[nn.Linear]]:
 
 @dataclass(frozen=True)
 class FusedLayer:
-    """One layer's norms and matrices; a draft may run the same layer over derived (low-bit) matrices."""
+    """One layer's matrices, its own norm modules (by their names in the model: `input_layernorm`, `q_norm`, ...) and
+    attention settings; a draft may run the same layer over derived (low-bit) matrices."""
 
-    input_norm: nn.Module
-    post_attention_norm: nn.Module
     qkv: FusedLinear
     o: FusedLinear
     gate_up: FusedLinear
     down: FusedLinear
+    norms: dict[str, nn.Module]
     scaling: float
     head_dim: int
+    window: int | None  # the sliding window it attends over (None: every earlier position)
+    rope_key: str | None  # which of the family's rotary embeddings it rotates by
 
     @classmethod
-    def of(cls, layer: nn.Module, few_rows: int = 0) -> "FusedLayer":
+    def of(cls, layer: nn.Module, i: int, family: Llama, few_rows: int = 0) -> "FusedLayer":
         linears = {name: FusedLinear.stacking(group, few_rows) for name, group in layer_linears(layer).items()}
         attn = layer.self_attn
-        return cls(layer.input_layernorm, layer.post_attention_layernorm, **linears,
-                   scaling=attn.scaling, head_dim=attn.head_dim)  # fmt: skip
+        norms = {name: module for part in (layer, attn) for name, module in part.named_children() if "norm" in name}
+        return cls(**linears, norms=norms, scaling=attn.scaling, head_dim=attn.head_dim, window=family.window(i),
+                   rope_key=family.rope_key(i))  # fmt: skip
 
     def with_matrices(self, **matrices) -> "FusedLayer":
         return replace(self, **matrices)
@@ -175,10 +150,10 @@ class FusedAdapter(Adapter):
         self.fingerprint = model_fingerprint(model)  # names the derived weights and timings kept on disk
         self.attn_implementation = "sdpa"
         few_rows = bf16_gemv.TIMED_ROWS[-1]  # until timed below
-        self.fused = [FusedLayer.of(layer, few_rows) for layer in self.layers]
+        self.fused = [FusedLayer.of(layer, i, self.family, few_rows) for i, layer in enumerate(self.layers)]
         self.head = FusedLinear.stacking([self.lm_head], few_rows)
         self.few_rows_line = self._choose_few_rows()
-        self.derived: dict = {}  # low-bit draft weights built for this adapter, by scheme (`selfspec.lowbit`)
+        self.derived: dict = {}  # low-bit draft weights built for this adapter, by scheme (`selfspec.drafts.lowbit`)
 
     def _choose_few_rows(self) -> str:
         """Time our few-row kernel against oneDNN's over every matrix, keep it where it won, and say so."""
@@ -200,23 +175,14 @@ class FusedAdapter(Adapter):
         """Up to how many input rows the exact matrices run by the few-row kernel (0: never)."""
         return self.head.few_rows
 
-    def attention(self, i: int, h: torch.Tensor, rope, mask, cache, weights: FusedLayer | None = None) -> torch.Tensor:
-        layer = weights or self.fused[i]
-        batch, count, _ = h.shape
-        q, k, v = layer.qkv.split(rms_norm(h, layer.input_norm))  # [B, T, heads * head_dim] each
-        q, k, v = (t.view(batch, count, -1, layer.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, H, T, hd]
-        cos, sin = (t.unsqueeze(1) for t in rope)  # [1, 1, T, hd]
-        keys, values = cache.update(rotate(k, cos, sin), v, i)  # [B, H_kv, visible, hd]
-        out = attend(rotate(q, cos, sin), keys, values, mask, layer.scaling)  # [B, H, T, hd]
-        return layer.o(out.transpose(1, 2).reshape(batch, count, -1))
+    def attention(self, i: int, h: torch.Tensor, span: Span, cache, weights: FusedLayer | None = None) -> torch.Tensor:
+        return self.family.attention(weights or self.fused[i], i, h, span, cache)
 
     def mlp(self, i: int, h: torch.Tensor, weights: FusedLayer | None = None) -> torch.Tensor:
-        layer = weights or self.fused[i]
-        gate, up = layer.gate_up.split(rms_norm(h, layer.post_attention_norm))
-        return layer.down(F.silu(gate) * up)
+        return self.family.mlp(weights or self.fused[i], h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(rms_norm(h, self.final_norm))  # [B, T, V]
+        return self.family.logits(self.head, self.final_norm, h)  # [B, T, V]
 
 
 def engine_adapter(model: PreTrainedModel, backend: str = "auto") -> Adapter:
@@ -224,13 +190,11 @@ def engine_adapter(model: PreTrainedModel, backend: str = "auto") -> Adapter:
     if backend not in BACKENDS:
         raise GenerationInputError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     reference = adapter_for(model)
-    fusable = reference.family in FUSED_FAMILIES and _plain_llama_layer(model)
-    if backend == "reference" or (backend == "auto" and not fusable):
+    unfusable = reference.family.unfusable()
+    if backend == "reference" or (backend == "auto" and unfusable):
         return reference
-    if not fusable:
-        raise UnsupportedModelError(
-            f"the fused backend supports {', '.join(FUSED_FAMILIES)} with SiLU MLPs; use backend='reference'"
-        )
+    if unfusable:
+        raise UnsupportedModelError(f"the fused backend does not compute {unfusable}; use backend='reference'")
     built = _built.setdefault(model, {})
     key = (model.dtype, model.device)
     if key not in built:
@@ -238,6 +202,11 @@ def engine_adapter(model: PreTrainedModel, backend: str = "auto") -> Adapter:
     return built[key]
 
 
-def _plain_llama_layer(model: PreTrainedModel) -> bool:
-    config = model.config
-    return config.hidden_act == "silu" and not getattr(config, "mlp_bias", False)
+def path_line(adapter: Adapter) -> str:
+    """Which forward the engine runs for this adapter's model, and why, for bench's and tune's output."""
+    family = f"{type(adapter.family).__name__.lower()}'s layer ({adapter.config.model_type})"
+    if isinstance(adapter, FusedAdapter):
+        return f"engine: the fused forward, {family}"
+    unfusable = adapter.family.unfusable()
+    why = f"the fused forward does not compute {unfusable}" if unfusable else "backend='reference'"
+    return f"engine: the model's own modules, {family}: {why}"

@@ -10,17 +10,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapter import Adapter
-from .cache import PositionedCache, causal_mask
-
-
-@dataclass
-class Span:
-    """The positions one forward call covers, with what every layer of that call shares."""
-
-    start: int
-    count: int
-    rope: tuple[torch.Tensor, torch.Tensor]
-    mask: torch.Tensor | None
+from .cache import PositionedCache
+from .span import Span, causal_mask
 
 
 @dataclass(frozen=True)
@@ -68,7 +59,7 @@ class Runner:
         self.cache.write_at(positions, visible)
         rope = self.adapter.position_embeddings(h, positions)
         mask = causal_mask(start, count, visible, self.adapter.attn_implementation, h.device, h.dtype)
-        return Span(start, count, rope, mask)
+        return Span(start, count, positions, visible, rope, mask)
 
     def layers(
         self,
@@ -81,7 +72,7 @@ class Runner:
         """Run layers [first, stop) on h [1, T, D] as `plan` says."""
         for i in range(first, stop):
             if i not in plan.skip_attn:
-                h = h + self.adapter.attention(i, h, span.rope, span.mask, self.cache, plan.attn_weights.get(i))
+                h = h + self.adapter.attention(i, h, span, self.cache, plan.attn_weights.get(i))
             if i not in plan.skip_mlp:
                 h = h + self.adapter.mlp(i, h, plan.mlp_weights.get(i))
         return h

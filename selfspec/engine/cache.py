@@ -62,25 +62,3 @@ class PositionedCache(Cache):
         """Set where the next forward writes (positions [T]) and how many key positions it may read."""
         self.positions = positions
         self.visible = visible
-
-
-def causal_mask(
-    start: int, count: int, visible: int, attn_implementation: str, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor | None:
-    """Mask for `count` queries at positions [start, start+count) over keys [0, visible): [1, 1, count, visible].
-
-    None where the attention needs no explicit mask: a one-token step that reads every visible key, or an
-    sdpa prefill from position 0 (its `is_causal` path). That is what `model.generate` passes in those cases,
-    so both take the same attention kernel and round alike.
-    """
-    last = start + count - 1
-    if last == visible - 1 and (count == 1 or (start == 0 and attn_implementation == "sdpa")):
-        return None
-    keys = torch.arange(visible, device=device)
-    queries = torch.arange(start, start + count, device=device)
-    allowed = keys[None, :] <= queries[:, None]  # [count, visible]
-    if attn_implementation == "sdpa":
-        return allowed[None, None]
-    blocked = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    blocked.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return blocked[None, None]

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .cpu import cpu_flags
-from .files import exclusive_lock
-from .paths import cache_root
-from .zoo import first_line
+from ..cpu import cpu_flags
+from ..files import exclusive_lock
+from ..paths import cache_root
+from ..zoo import first_line
 
 SOURCES = Path(__file__).parent / "csrc"
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.profiler import record_function
 
-from .drafting import SOURCE_LAYER, Draft, HybridDrafter, LayerDrafter, PlainDrafter
-from .runner import Runner
+from ..drafts import SOURCE_LAYER, Draft, HybridDrafter, LayerDrafter, PlainDrafter
+from ..engine.runner import Runner
 from .sampling import Sampler
 from .verify import accept_greedy, accept_sampled
 

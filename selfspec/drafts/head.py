@@ -8,11 +8,11 @@ acceptance, never correctness.
 import torch
 import torch.nn.functional as F
 
-from .adapter import Adapter
-from .fused import FusedLinear
+from ..decode.sampling import greedy_index
+from ..engine.adapter import Adapter
+from ..engine.fused import FusedLinear
+from ..schedule import Schedule
 from .lowbit import draft_weights
-from .sampling import greedy_index
-from .schedule import Schedule
 
 
 def subset_rows(ranked: tuple[int, ...], size: int, vocab_size: int) -> torch.Tensor:

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import torch
 
+from ..cpu import machine_key
+from ..files import write_json_atomic
+from ..paths import cache_root
+from ..zoo import first_line
 from .cache import PositionedCache
-from .cpu import machine_key
-from .files import write_json_atomic
 from .fused import FusedAdapter
-from .paths import cache_root
-from .runner import EXACT, Plan, Runner, Span
-from .zoo import first_line
+from .runner import EXACT, Plan, Runner
+from .span import Span
 
 RECORD_VERSION = 4
 # Verify widths with a graph of their own; a full-depth pass of another width is padded up to the next one, and
@@ -105,7 +106,7 @@ def _static_runner(adapter: FusedAdapter, h, positions, keys, values, key_range)
     if h.shape[1] > 1:
         keys_at = torch.arange(visible, device=h.device)
         mask = (keys_at[None, :] <= positions[:, None])[None, None]  # [1, 1, T, visible]
-    return Runner(adapter, cache), Span(0, h.shape[1], rope, mask)
+    return Runner(adapter, cache), Span(None, h.shape[1], positions, visible, rope, mask)
 
 
 def _compiled(function: types.FunctionType, owner: object) -> Callable:

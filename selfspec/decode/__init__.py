@@ -1,0 +1,2 @@
+"""The decode loop for one sequence (`loop`): rounds of draft, verify and accept (`verify`), greedy or sampled
+(`sampling`)."""
