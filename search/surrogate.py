@@ -15,13 +15,13 @@ import torch
 from selfspec.evals.floor import draft_weight_bytes
 from transformers import PreTrainedModel
 
-from selfspec.decode.sampling import greedy_index
 from selfspec.drafts import SOURCE_CONTEXT, SOURCE_LAYER, SOURCE_PLAIN, LayerDrafter, SourceChooser, Width
 from selfspec.drafts.head import DraftHead
 from selfspec.drafts.ngram import NgramIndex
 from selfspec.engine.cache import PositionedCache
 from selfspec.engine.fused import engine_adapter
 from selfspec.engine.runner import Plan, Runner
+from selfspec.sampling import greedy_index
 from selfspec.schedule import Schedule
 
 from .costs import Costs

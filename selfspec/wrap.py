@@ -14,7 +14,6 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, StoppingCriteriaList
 
 from .decode.loop import GenerationStats, decode
-from .decode.sampling import Sampler
 from .drafts import drafter_for, prepare_drafts
 from .engine.cache import PositionedCache
 from .engine.compiled import BUCKETS, decode_step
@@ -22,6 +21,7 @@ from .engine.fused import FusedAdapter, engine_adapter
 from .engine.runner import Runner
 from .errors import GenerationInputError, ScheduleError
 from .fingerprint import model_fingerprint
+from .sampling import Sampler
 from .schedule import Schedule, default_for, describe
 
 STEP_ENV = "SELFSPEC_DECODE_STEP"

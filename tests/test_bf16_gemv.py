@@ -52,7 +52,7 @@ def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next():
     """torch's build baton is a file; a process killed while holding it leaves it, and the next one waited forever."""
     build = native.build_directory("bf16_gemv")
     (build / "lock").touch()
-    check = "from selfspec import native; print(repr(native.built('bf16_gemv')))"
+    check = "from selfspec.kernels import native; print(repr(native.built('bf16_gemv')))"
     run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
     assert run.stdout.strip() == "''", run.stderr[-2000:]
     assert not (build / "lock").exists()
@@ -136,7 +136,7 @@ def test_the_avx2_build_runs_where_torch_runs_avx2_and_gives_the_same_sums(tmp_p
         "-n",
         "0",
     ]
-    said = "import os; from selfspec import bf16_gemv; bf16_gemv.available(); print(bf16_gemv.isa(), os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+    said = "import os; from selfspec.kernels import bf16_gemv; bf16_gemv.available(); print(bf16_gemv.isa(), os.environ['TORCHINDUCTOR_CACHE_DIR'])"
     isa = subprocess.run([sys.executable, "-c", said], env=env, capture_output=True, text=True)
     # and graphs compiled at AVX2 kept apart from those compiled at AVX-512
     assert isa.stdout.split() == ["avx2", str(tmp_path / "inductor-avx2")], isa.stderr

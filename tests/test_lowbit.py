@@ -11,10 +11,10 @@ from test_sampling import SAMPLES, TEMPERATURE, TOP_K, exact_pair_distribution, 
 
 import selfspec
 from selfspec import Schedule, ScheduleError, UnsupportedModelError
-from selfspec.decode.sampling import greedy_index
 from selfspec.drafts.head import DraftHead, subset_rows
 from selfspec.drafts.lowbit import GROUP_SIZE, KERNELS, _build, cache_path, draft_weights, quantize
 from selfspec.engine.fused import engine_adapter
+from selfspec.sampling import greedy_index
 
 EVERY = tuple(range(30))
 

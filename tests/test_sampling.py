@@ -4,7 +4,7 @@ import torch
 from scipy.stats import chisquare
 
 import selfspec
-from selfspec.decode.sampling import Sampler
+from selfspec.sampling import Sampler
 
 SAMPLES = 300
 TOP_K, TEMPERATURE = 4, 1.3

@@ -1,2 +1,1 @@
-"""The decode loop for one sequence (`loop`): rounds of draft, verify and accept (`verify`), greedy or sampled
-(`sampling`)."""
+"""The decode loop for one sequence (`loop`): rounds of draft, verify and accept (`verify`)."""

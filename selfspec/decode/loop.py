@@ -14,7 +14,7 @@ from torch.profiler import record_function
 
 from ..drafts import SOURCE_LAYER, Draft, HybridDrafter, LayerDrafter, PlainDrafter
 from ..engine.runner import Runner
-from .sampling import Sampler
+from ..sampling import Sampler
 from .verify import accept_greedy, accept_sampled
 
 # Profiler ranges around each phase of a generation (`selfspec bench --profile` reads them).

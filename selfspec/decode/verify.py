@@ -6,7 +6,7 @@ checks proposal i, and a row past the last proposal (when there is one) gives a 
 
 import torch
 
-from .sampling import Sampler, greedy_index
+from ..sampling import Sampler, greedy_index
 
 
 def accept_greedy(proposals: list[int], target_logits: torch.Tensor) -> tuple[int, int | None]:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..decode.sampling import Sampler
 from ..engine.runner import Runner
+from ..sampling import Sampler
 
 # Why a round stopped drafting.
 STOP_WIDTH, STOP_CONFIDENCE, STOP_DEPTH, STOP_EOS, STOP_NONE = "width", "confidence", "depth", "eos", "no_draft"

@@ -2,8 +2,8 @@
 
 import torch
 
-from ..decode.sampling import Sampler
 from ..engine.runner import Runner
+from ..sampling import Sampler
 from ..schedule import Schedule
 from .base import SOURCE_CONTEXT, STOP_CONTEXT_END, STOP_EOS, STOP_WIDTH, Draft
 from .ngram import NgramIndex

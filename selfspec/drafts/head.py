@@ -8,9 +8,9 @@ acceptance, never correctness.
 import torch
 import torch.nn.functional as F
 
-from ..decode.sampling import greedy_index
 from ..engine.adapter import Adapter
 from ..engine.fused import FusedLinear
+from ..sampling import greedy_index
 from ..schedule import Schedule
 from .lowbit import draft_weights
 

@@ -1,7 +1,7 @@
 """The hybrid policy: per round, a context copy or the fallback draft, whichever has lately emitted tokens faster."""
 
-from ..decode.sampling import Sampler
 from ..engine.runner import Runner
+from ..sampling import Sampler
 from ..schedule import Schedule
 from .base import SOURCE_CONTEXT, Draft, PlainDrafter
 from .context import ContextDrafter

@@ -2,11 +2,11 @@
 
 import torch
 
-from ..decode.sampling import Sampler
 from ..engine.adapter import Adapter
 from ..engine.fused import FusedAdapter
 from ..engine.runner import Plan, Runner, compiled_pass_fits
 from ..errors import UnsupportedModelError
+from ..sampling import Sampler
 from ..schedule import Schedule
 from .base import SOURCE_LAYER, STOP_CONFIDENCE, STOP_DEPTH, STOP_EOS, STOP_WIDTH, Draft, Width
 from .head import DraftHead

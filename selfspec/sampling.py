@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from ..errors import GenerationInputError
+from .errors import GenerationInputError
 
 
 def greedy_index(scores: torch.Tensor) -> torch.Tensor:
