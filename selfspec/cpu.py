@@ -12,14 +12,27 @@ PACKED_ENV = "SELFSPEC_PACKED_BF16"
 
 
 def cpu_name() -> str:
+    """The marketing name and, where it tells, the family and model: a virtual machine's name can be the same for
+    two generations ("AMD EPYC" for Zen 4, family 25 model 17, and Zen 5, family 26 model 2), whose kernels time
+    differently."""
     # platform.processor() is often empty on Linux; /proc/cpuinfo has the marketing name
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        fields = dict(_cpuinfo_fields())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        fields = {}
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        return f"{name} (family {fields['cpu family']} model {fields['model']})"
+    return name
+
+
+def _cpuinfo_fields():
+    """(key, value) of /proc/cpuinfo's first processor."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if not line.strip():
+            return
+        key, _, value = line.partition(":")
+        yield key.strip(), value.strip()
 
 
 @functools.cache  # a kernel builder asks once per matrix; the CPU does not change in a process

@@ -111,14 +111,24 @@ def test_it_is_kept_only_for_the_rows_it_measured_faster():
         return linear.wide(x)
 
     assert bf16_gemv.rows_it_wins([(twice, linear.wide, WIDTH)])[0] == 0
-    rows, times = bf16_gemv.rows_it_wins([(linear.wide, twice, WIDTH)])
-    assert rows == bf16_gemv.TIMED_ROWS[-1] and all(ours < theirs for ours, theirs in times.values())
+    rows, times = bf16_gemv.rows_it_wins([(linear.wide, twice, WIDTH)])  # faster at every width, prompts too
+    assert rows == bf16_gemv.EVERY_ROW and all(ours < theirs for ours, theirs in times.values())
+    assert sorted(times) == [*bf16_gemv.TIMED_ROWS, bf16_gemv.PROMPT_ROWS]
+
+
+def test_serving_every_width_it_drops_the_other_copy():
+    weight, bias = ragged(5)
+    linear = FusedLinear(weight, bias, [ROWS], few_rows=4)
+    linear.use_few_rows(bf16_gemv.EVERY_ROW)
+    assert linear.weight is None
+    x = torch.randn(1, 200, WIDTH).bfloat16()  # a prompt's width
+    assert torch.equal(linear(x), linear.gemv(x)) and torch.equal(linear.wide(x), linear.gemv(x))
 
 
 def test_an_adapter_runs_every_matrix_by_the_rows_it_chose():
     adapter = engine_adapter(tiny("qwen2").to(torch.bfloat16))
     linears = [getattr(layer, name) for layer in adapter.fused for name in ("qkv", "o", "gate_up", "down")]
-    assert adapter.few_rows in (0, *bf16_gemv.TIMED_ROWS)
+    assert adapter.few_rows in (0, *bf16_gemv.TIMED_ROWS, bf16_gemv.EVERY_ROW)
     assert all(linear.few_rows == adapter.few_rows for linear in linears + [adapter.head])
     assert adapter.few_rows_line.startswith(f"bf16 few-row kernel ({bf16_gemv.isa()}): ")
 

@@ -14,7 +14,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -143,21 +143,30 @@ KERNELS: dict[str, dict[str, Callable]] = {
 TRACEABLE = {"int8pack", "int4pack", "w4a8"}
 
 
-# Past this many rows a product is compute-bound: the same rounded values in the compute dtype run it faster
-# than a weight-only kernel (which unpacks the codes for every row block). Only tune's teacher-forced passes
-# get there; drafts run one row.
+# Past this many rows a product is compute-bound, and some weight-only kernels, which unpack the codes for every
+# row, fall far behind the same rounded values in the compute dtype; whether the chosen kernel does is timed at
+# WIDE_TIMED_ROWS when it is chosen. Only tune's teacher-forced passes get there; drafts run one row.
 WIDE_ROWS = 8
+WIDE_TIMED_ROWS = 64
 
 
 class LowbitLinear:
-    """`FusedLinear`'s interface over a quantised matrix: one row at a time by the kernel chosen for it, many
-    rows through a dequantised copy made on first need."""
+    """`FusedLinear`'s interface over a quantised matrix: one row at a time by the kernel chosen for it, many rows
+    by the same kernel where it timed at least as fast there (`runs_wide`), else through a dequantised copy made on
+    first need (the size of the exact matrix: on qwen2.5-coder-1.5b, 3.1 GB a scheme)."""
 
     def __init__(
-        self, matrix: QuantizedMatrix, kernel: str, run: Callable, bias: torch.Tensor | None, sizes: list[int]
+        self,
+        matrix: QuantizedMatrix,
+        kernel: str,
+        run: Callable,
+        bias: torch.Tensor | None,
+        sizes: list[int],
+        runs_wide: bool = False,
     ):
         self.matrix, self.kernel, self.run, self.bias, self.sizes = matrix, kernel, run, bias, sizes
         self.traceable = kernel in TRACEABLE
+        self.runs_wide = runs_wide
         self.wide: FusedLinear | None = None
         self.handle = kernel_handle(self)
 
@@ -165,7 +174,7 @@ class LowbitLinear:
         rows = x.reshape(-1, x.shape[-1])  # [M, K]
         if torch.compiler.is_compiling() and (not self.traceable or rows.shape[0] > WIDE_ROWS):
             return registered_linear(x, self.handle, sum(self.sizes))  # a compiled draft calls this very object
-        if rows.shape[0] > WIDE_ROWS:
+        if rows.shape[0] > WIDE_ROWS and not self.runs_wide:
             if self.wide is None:
                 self.wide = _dequantized(self.matrix, x.dtype, x.device)
             y = self.wide(rows)
@@ -178,16 +187,31 @@ class LowbitLinear:
         return self(x).split(self.sizes, dim=-1)
 
 
-def _pass_seconds(runs: list[Callable], matrices: list[QuantizedMatrix], dtype, device) -> float:
-    """Best of a few passes over every matrix in a row with one-token inputs: the streaming a step does."""
-    inputs = {width: torch.randn(1, width, dtype=dtype, device=device) for width in {m.shape[1] for m in matrices}}
+def _pass_seconds(runs: list[Callable], matrices: list[QuantizedMatrix], dtype, device, rows: int = 1) -> float:
+    """Best of a few passes over every matrix in a row with `rows`-row inputs (one: the streaming a step does)."""
+    inputs = {width: torch.randn(rows, width, dtype=dtype, device=device) for width in {m.shape[1] for m in matrices}}
     return best_pass_seconds([(run, inputs[m.shape[1]]) for run, m in zip(runs, matrices)], device)
 
 
-def fastest_kernel(
-    matrices: list[QuantizedMatrix], dtype: torch.dtype, device: torch.device
-) -> tuple[str, list[Callable], dict[str, float]]:
-    """The kernel that runs `matrices` fastest here, its runs, and every candidate's pass time in seconds."""
+@dataclass(frozen=True)
+class KernelChoice:
+    """The kernel that runs a set of matrices fastest at one row, its runs, and what the timing found."""
+
+    name: str
+    runs: list[Callable]
+    seconds: dict[str, float]  # every candidate's pass over the matrices at one row
+    runs_wide: bool  # the chosen kernel ran WIDE_TIMED_ROWS rows at least as fast as the dequantised values did
+
+    def said(self) -> str:
+        """'int4pack (3.6 ms; dequantized 10.4 ms), wide too': what ran, what it beat, and what runs wide inputs."""
+        others = "; ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.seconds.items() if k != self.name)
+        wide = "wide too" if self.runs_wide else "wide inputs dequantized"
+        return f"{self.name} ({self.seconds[self.name] * 1e3:.1f} ms{'; ' + others if others else ''}), {wide}"
+
+
+def fastest_kernel(matrices: list[QuantizedMatrix], dtype: torch.dtype, device: torch.device) -> KernelChoice:
+    """The kernel that runs `matrices` fastest here; whether it also runs wide inputs is timed over the first
+    layer's worth of them (or the head) against the dequantised values."""
     timed: dict[str, tuple[float, list[Callable]]] = {}
     for name, build in KERNELS[matrices[0].scheme].items():
         try:
@@ -196,7 +220,11 @@ def fastest_kernel(
         except (RuntimeError, NotImplementedError):  # a kernel this device, dtype or shape lacks
             continue
     name = min(timed, key=lambda k: timed[k][0])
-    return name, timed[name][1], {k: v[0] for k, v in timed.items()}
+    sample = slice(0, len(MATRICES))
+    wide = {k: _pass_seconds(timed[k][1][sample], matrices[sample], dtype, device, WIDE_TIMED_ROWS)
+            for k in {name, "dequantized"} & set(timed)}  # fmt: skip
+    runs_wide = name == "dequantized" or wide[name] <= wide.get("dequantized", float("inf"))
+    return KernelChoice(name, timed[name][1], {k: v[0] for k, v in timed.items()}, runs_wide)
 
 
 @dataclass
@@ -206,7 +234,7 @@ class DraftWeights:
     scheme: str
     layers: list[FusedLayer]
     head: QuantizedMatrix
-    head_kernel: str
+    head_kernel: KernelChoice
     kernels: dict[str, str]  # "layers" / "head" -> what ran, with each candidate's measured pass time
     # packing a head for its kernel takes longer than a decode step (~0.4 s on qwen2.5-coder-0.5b), so it is done
     # for the row sets last used, not at every generate; only the packed kernel is kept, not the dequantised copy a
@@ -216,13 +244,14 @@ class DraftWeights:
     def head_linear(self, rows: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> LowbitLinear:
         """The LM head's low-bit matrix, or only its `rows`, run by the kernel chosen for the full head."""
         key = (None if rows is None else tuple(rows.tolist()), dtype, device)
+        kernel = self.head_kernel.name
         if key not in self.head_runs:
             while len(self.head_runs) >= HEAD_ROW_SETS:  # the oldest first (dicts keep their order)
                 del self.head_runs[next(iter(self.head_runs))]
             matrix = self.head if rows is None else self.head.rows(rows.cpu())
-            self.head_runs[key] = matrix, KERNELS[self.scheme][self.head_kernel](matrix, dtype, device)
+            self.head_runs[key] = matrix, KERNELS[self.scheme][kernel](matrix, dtype, device)
         matrix, run = self.head_runs[key]
-        return LowbitLinear(matrix, self.head_kernel, run, None, [matrix.shape[0]])
+        return LowbitLinear(matrix, kernel, run, None, [matrix.shape[0]], self.head_kernel.runs_wide)
 
 
 def draft_weights(adapter: FusedAdapter, scheme: str) -> DraftWeights:
@@ -237,31 +266,30 @@ def _build(adapter: FusedAdapter, scheme: str) -> DraftWeights:
     head_weight = adapter.lm_head.weight
     dtype, device = head_weight.dtype, head_weight.device
     names = [(i, name) for i in range(adapter.num_layers) for name in MATRICES]
-    kernel, runs, layer_times = fastest_kernel([quantized[f"layers.{i}.{n}"] for i, n in names], dtype, device)
-    by_name = dict(zip(names, runs))
+    chosen = fastest_kernel([quantized[f"layers.{i}.{n}"] for i, n in names], dtype, device)
+    by_name = dict(zip(names, chosen.runs))
     layers = []
     for i, base in enumerate(adapter.fused):
         # the exact layer's bias and output sizes; only the matrices change
         linears = {
             n: LowbitLinear(
-                quantized[f"layers.{i}.{n}"], kernel, by_name[i, n], getattr(base, n).bias, getattr(base, n).sizes
-            )
+                quantized[f"layers.{i}.{n}"],
+                chosen.name,
+                by_name[i, n],
+                getattr(base, n).bias,
+                getattr(base, n).sizes,
+                chosen.runs_wide,
+            )  # fmt: skip
             for n in MATRICES
         }
         layers.append(base.with_matrices(**linears))
-    head_kernel, _, head_times = fastest_kernel([quantized["head"]], dtype, device)
-    kernels = {"layers": _said(kernel, layer_times), "head": _said(head_kernel, head_times)}
-    return DraftWeights(scheme, layers, quantized["head"], head_kernel, kernels)
+    head = fastest_kernel([quantized["head"]], dtype, device)
+    kernels = {"layers": chosen.said(), "head": head.said()}
+    return DraftWeights(scheme, layers, quantized["head"], replace(head, runs=[]), kernels)
 
 
 def kernels_line(scheme: str, kernels: dict[str, str]) -> str:
     return f"{scheme} kernels here: layers {kernels['layers']}, head {kernels['head']}"
-
-
-def _said(chosen: str, times: dict[str, float]) -> str:
-    """'int4pack (3.6 ms; dequantized 10.4 ms)': what ran and what it beat, per pass over the matrices."""
-    others = "; ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items() if k != chosen)
-    return f"{chosen} ({times[chosen] * 1e3:.1f} ms{'; ' + others if others else ''})"
 
 
 def cache_path(adapter: FusedAdapter, scheme: str) -> Path:
@@ -305,8 +333,12 @@ def _save(path: Path, quantized: dict[str, QuantizedMatrix]) -> None:
 
 
 def _unflatten(scheme: str, tensors: dict[str, torch.Tensor]) -> dict[str, QuantizedMatrix]:
+    """The matrices a safetensors file holds, each in memory of its own: the file's tensors lie at 32-byte offsets
+    in one buffer, and torch's int8 weight-only kernel crashed on such a matrix at 16 input rows."""
     keys = {k.rsplit(".", 1)[0] for k in tensors}
-    return {
-        k: QuantizedMatrix(scheme, tensors[f"{k}.values"], tensors[f"{k}.scales"], tensors.get(f"{k}.zeros"))
-        for k in keys
-    }
+
+    def own(name: str) -> torch.Tensor | None:
+        tensor = tensors.pop(name, None)
+        return None if tensor is None else tensor.clone()
+
+    return {k: QuantizedMatrix(scheme, own(f"{k}.values"), own(f"{k}.scales"), own(f"{k}.zeros")) for k in keys}

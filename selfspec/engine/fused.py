@@ -65,16 +65,22 @@ class FusedLinear:
         return self.wide(x)
 
     def wide(self, x: torch.Tensor) -> torch.Tensor:
-        """The product by oneDNN's packed kernel, or `F.linear` (float32, or no packed kernels here)."""
+        """The product by oneDNN's packed kernel, or `F.linear` (float32, or no packed kernels here); by the few-row
+        kernel where it serves every width (and the other copy is gone)."""
+        if self.weight is None:
+            return self.gemv(x)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
     def use_few_rows(self, rows: int) -> None:
-        """Run inputs of up to `rows` rows by the few-row kernel (0: never, and its copy of the weights goes)."""
+        """Run inputs of up to `rows` rows by the few-row kernel (0: never, and its copy of the weights goes;
+        `bf16_gemv.EVERY_ROW`: every input, and the other kernel's copy goes)."""
         self.few_rows = rows if self.gemv else 0
         if not self.few_rows:
             self.gemv = None
+        elif rows == bf16_gemv.EVERY_ROW:
+            self.weight = None
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self(x).split(self.sizes, dim=-1)
@@ -160,15 +166,23 @@ class FusedAdapter(Adapter):
         linears = [getattr(layer, name) for layer in self.fused for name in MATRICES] + [self.head]
         if not any(linear.gemv for linear in linears):
             return ""
+        other = "oneDNN's" if self.head.packed else "F.linear"
         products = [(linear.gemv, linear.wide, linear.in_features) for linear in linears]
         rows, times = bf16_gemv.rows_it_wins(products)
         for linear in linears:
             linear.use_few_rows(rows)
         timed = "; ".join(f"{m} row{'s' * (m > 1)} {ours * 1e3:.1f} ms against {theirs * 1e3:.1f}"
                           for m, (ours, theirs) in times.items())  # fmt: skip
-        chosen = f"up to {rows} row{'s' * (rows > 1)}" if rows else "never"
-        theirs = "oneDNN's" if self.head.packed else "F.linear"
-        return f"bf16 few-row kernel ({bf16_gemv.isa()}): {chosen} (every matrix, ours against {theirs}: {timed})"
+        if rows == bf16_gemv.EVERY_ROW:
+            chosen = f"every width, {other} copy of the weights dropped"
+        else:
+            chosen = f"up to {rows} row{'s' * (rows > 1)}" if rows else "never"
+        sampled = (
+            f" (the {bf16_gemv.PROMPT_ROWS}-row figure: the first layer's)" if bf16_gemv.PROMPT_ROWS in times else ""
+        )
+        return (
+            f"bf16 few-row kernel ({bf16_gemv.isa()}): {chosen} (every matrix, ours against {other}: {timed}{sampled})"
+        )
 
     @property
     def few_rows(self) -> int:
